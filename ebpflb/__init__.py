@@ -1,0 +1,1 @@
+"""ebpflb: Kubernetes-style Service load balancing with an eBPF datapath."""
