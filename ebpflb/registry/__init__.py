@@ -1,0 +1,1 @@
+"""The registry: the source of truth for Services, Pods, Nodes and EndpointSlices."""

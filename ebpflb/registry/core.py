@@ -1,0 +1,666 @@
+"""The registry's logic: validated, allocated, atomic writes over an indexed in-memory
+state, persisted through a Store, with an ordered, resumable event stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ebpflb import labels
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.objects import (
+    DEFAULT_NAMESPACE,
+    KINDS,
+    SERVICE_NAME_LABEL,
+    Key,
+    key_of,
+    kind_of,
+    message_of,
+    wrap,
+)
+from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
+from ebpflb.registry.endpoints import MANAGED_BY, MANAGED_BY_LABEL, compute_slices
+from ebpflb.registry.store import ADDED, DELETED, MODIFIED, Event, Store, StoreError
+from ebpflb.validation import apply_defaults, validate
+
+BOOKMARK = pb.WatchEvent.BOOKMARK
+
+
+class Reason(Enum):
+    """Why a request failed; the gRPC layer maps each to a status code."""
+
+    INVALID = "Invalid"
+    ALREADY_EXISTS = "AlreadyExists"
+    NOT_FOUND = "NotFound"
+    CONFLICT = "Conflict"
+    GONE = "Gone"  # a resource version too old to resume from: relist
+    UNAVAILABLE = "Unavailable"
+
+
+class RegistryError(Exception):
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    objects: list[pb.Object]
+    results: list[str]  # created | configured | unchanged
+
+
+def resource_name(kind: str) -> str:
+    """The plural Kubernetes uses in messages: services, pods, nodes, endpointslices."""
+    return KINDS[kind].aliases[0] if kind in KINDS else kind.lower() + "s"
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.FromSeconds(int(time.time()))
+    return ts
+
+
+def _spec_equal(a: pb.Object, b: pb.Object) -> bool:
+    """Equal but for the fields the registry sets on every write."""
+    a2, b2 = pb.Object(), pb.Object()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    for o in (a2, b2):
+        meta = message_of(o).metadata
+        meta.resource_version = ""
+        meta.generation = 0
+    return a2 == b2
+
+
+@dataclass
+class _Txn:
+    undo: list[tuple[Key, pb.Object | None]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    start_revision: int = 0
+    touched_services: set[Key] = field(default_factory=set)
+
+
+Matcher = Callable[[Key, pb.Object], bool]
+
+
+class Registry:
+    """Desired state. All reads and writes hold one lock, so every reader sees whole
+    transactions; a write is in the store before anyone can see it."""
+
+    def __init__(
+        self,
+        store: Store,
+        service_cidr: str = "10.96.0.0/12",
+        node_port_range: str = "30000-32767",
+        history: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.service_range = IPRange(service_cidr)
+        self.node_port_range = parse_port_range(node_port_range)
+        self.node_port_range_text = node_port_range
+        self.history = history
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._objects: dict[Key, pb.Object] = {}
+        self._by_kind: dict[str, dict[Key, pb.Object]] = {k: {} for k in KINDS}
+        # (namespace, label key, label value) -> pods / services whose selector has it
+        self._pod_labels: dict[tuple[str, str, str], set[Key]] = {}
+        self._svc_selectors: dict[tuple[str, str, str], set[Key]] = {}
+        self._slices_of: dict[tuple[str, str], set[Key]] = {}  # (ns, service) -> slices
+        self._cluster_ips: dict[str, Key] = {}
+        self._node_ports: dict[int, Key] = {}  # nodePorts and healthCheckNodePorts
+        self._terminating: set[Key] = set()
+        # The event log: _events[i] has revision _first_rev + i (one event per revision).
+        self._events: list[Event] = []
+        self._first_rev = 1
+        self._revision = 0
+        self._closed = False
+        self._load()
+        self._reaper = threading.Thread(target=self._reap_loop, name="pod-reaper", daemon=True)
+        self._reaper.start()
+
+    # ------------------------------------------------------------ state
+
+    def _load(self) -> None:
+        snap = self.store.load()
+        for obj, _rev in snap.objects:
+            self._index(key_of(obj), obj, add=True)
+        self._revision = snap.revision
+        self._events = list(snap.events[-self.history :])
+        self._first_rev = self._events[0].rev if self._events else self._revision + 1
+
+    def _index(self, key: Key, obj: pb.Object, add: bool) -> None:
+        """Add obj to (or remove it from) every index."""
+        if add:
+            self._objects[key] = obj
+            self._by_kind[key.kind][key] = obj
+        else:
+            self._objects.pop(key, None)
+            self._by_kind[key.kind].pop(key, None)
+
+        def mark(index: dict[tuple[str, str, str], set[Key]], pairs: Iterable[tuple[str, str]]) -> None:
+            for k, v in pairs:
+                t = (key.namespace, k, v)
+                if add:
+                    index.setdefault(t, set()).add(key)
+                else:
+                    s = index.get(t)
+                    if s is not None:
+                        s.discard(key)
+                        if not s:
+                            del index[t]
+
+        if key.kind == "Pod":
+            mark(self._pod_labels, obj.pod.metadata.labels.items())
+            if obj.pod.metadata.HasField("deletion_timestamp"):
+                (self._terminating.add if add else self._terminating.discard)(key)
+        elif key.kind == "Service":
+            spec = obj.service.spec
+            mark(self._svc_selectors, spec.selector.items())
+            ports = [p.node_port for p in spec.ports if p.node_port]
+            if spec.health_check_node_port:
+                ports.append(spec.health_check_node_port)
+            for ip in {spec.cluster_ip, *spec.cluster_ips} - {"", "None"}:
+                if add:
+                    self._cluster_ips[ip] = key
+                elif self._cluster_ips.get(ip) == key:
+                    del self._cluster_ips[ip]
+            for port in ports:
+                if add:
+                    self._node_ports[port] = key
+                elif self._node_ports.get(port) == key:
+                    del self._node_ports[port]
+        elif key.kind == "EndpointSlice":
+            svc = obj.endpoint_slice.metadata.labels.get(SERVICE_NAME_LABEL)
+            if svc:
+                t2 = (key.namespace, svc)
+                if add:
+                    self._slices_of.setdefault(t2, set()).add(key)
+                else:
+                    s2 = self._slices_of.get(t2)
+                    if s2 is not None:
+                        s2.discard(key)
+                        if not s2:
+                            del self._slices_of[t2]
+
+    def _put(self, txn: _Txn, key: Key, obj: pb.Object | None) -> pb.Object | None:
+        """Write (or, with None, delete) one object inside txn; returns what it stored."""
+        old = self._objects.get(key)
+        txn.undo.append((key, old))
+        if old is not None:
+            self._index(key, old, add=False)
+        self._revision += 1
+        rev = self._revision
+        if obj is None:
+            assert old is not None
+            txn.events.append(Event(rev, DELETED, key, old))
+            self._touch(txn, key, old)
+            return None
+        message_of(obj).metadata.resource_version = str(rev)
+        self._index(key, obj, add=True)
+        txn.events.append(Event(rev, ADDED if old is None else MODIFIED, key, obj))
+        self._touch(txn, key, old)
+        self._touch(txn, key, obj)
+        return obj
+
+    def _touch(self, txn: _Txn, key: Key, obj: pb.Object | None) -> None:
+        """Note the Services whose endpoints a change of obj may change."""
+        if obj is None:
+            return
+        if key.kind == "Service":
+            txn.touched_services.add(key)
+        elif key.kind == "Pod":
+            txn.touched_services.update(self._services_selecting(key.namespace, obj.pod.metadata.labels))
+
+    def _services_selecting(self, namespace: str, pod_labels: Iterable[tuple[str, str]] | dict[str, str]) -> set[Key]:
+        lbls = dict(pod_labels)
+        out: set[Key] = set()
+        candidates: set[Key] = set()
+        for k, v in lbls.items():
+            candidates |= self._svc_selectors.get((namespace, k, v), set())
+        for skey in candidates:
+            sel = self._objects[skey].service.spec.selector
+            if labels.matches_map(sel, lbls):
+                out.add(skey)
+        return out
+
+    def _pods_selected(self, namespace: str, selector: dict[str, str]) -> list[pb.Pod]:
+        if not selector:
+            return []
+        sets = [self._pod_labels.get((namespace, k, v), set()) for k, v in selector.items()]
+        sets.sort(key=len)
+        keys = set(sets[0]).intersection(*sets[1:])
+        return [self._objects[k].pod for k in keys]
+
+    def _begin(self) -> _Txn:
+        return _Txn(start_revision=self._revision)
+
+    def _rollback(self, txn: _Txn) -> None:
+        for key, old in reversed(txn.undo):
+            cur = self._objects.get(key)
+            if cur is not None:
+                self._index(key, cur, add=False)
+            if old is not None:
+                self._index(key, old, add=True)
+        self._revision = txn.start_revision
+
+    def _commit(self, txn: _Txn) -> None:
+        self._sync_endpoints(txn)
+        try:
+            self.store.commit(txn.events)
+        except StoreError as e:
+            self._rollback(txn)
+            raise RegistryError(Reason.UNAVAILABLE, str(e)) from e
+        if not self._events and txn.events:
+            self._first_rev = txn.events[0].rev
+        self._events.extend(txn.events)
+        if len(self._events) > self.history * 2:
+            del self._events[: len(self._events) - self.history]
+            self._first_rev = self._events[0].rev
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------ endpoints controller
+
+    def _sync_endpoints(self, txn: _Txn) -> None:
+        """Recompute the managed EndpointSlices of every Service the transaction touched;
+        write only those that changed."""
+        done: set[Key] = set()
+        while txn.touched_services - done:
+            skey = min(txn.touched_services - done)
+            done.add(skey)
+            svc_obj = self._objects.get(skey)
+            desired: list[pb.EndpointSlice] = []
+            if svc_obj is not None:
+                svc = svc_obj.service
+                pods = self._pods_selected(skey.namespace, dict(svc.spec.selector))
+                desired = compute_slices(svc, pods)
+            existing = {
+                k: self._objects[k]
+                for k in self._slices_of.get((skey.namespace, skey.name), set())
+                if self._objects[k].endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+            }
+            for es in desired:
+                new = wrap(es)
+                k = key_of(new)
+                old = existing.pop(k, None)
+                if old is not None:
+                    self._carry_meta(old, new)
+                    if _spec_equal(old, new):
+                        continue
+                else:
+                    self._new_meta(new)
+                self._put(txn, k, new)
+            for k in existing:
+                self._put(txn, k, None)
+
+    # ------------------------------------------------------------ writes
+
+    def _new_meta(self, obj: pb.Object) -> None:
+        meta = message_of(obj).metadata
+        meta.uid = str(uuid.uuid4())
+        meta.creation_timestamp.CopyFrom(_now())
+        meta.generation = 1
+
+    @staticmethod
+    def _carry_meta(old: pb.Object, new: pb.Object) -> None:
+        """Fields the registry owns survive an update as they were."""
+        o, n = message_of(old).metadata, message_of(new).metadata
+        n.uid = o.uid
+        n.creation_timestamp.CopyFrom(o.creation_timestamp)
+        n.generation = o.generation
+        n.ClearField("deletion_timestamp")
+        if o.HasField("deletion_timestamp"):
+            n.deletion_timestamp.CopyFrom(o.deletion_timestamp)
+            n.deletion_grace_period_seconds = o.deletion_grace_period_seconds
+        elif n.HasField("deletion_grace_period_seconds"):
+            n.ClearField("deletion_grace_period_seconds")
+
+    def apply(self, objects: list[pb.Object], dry_run: bool = False) -> ApplyResult:
+        """Create or update every object, atomically: all are stored or none."""
+        with self._lock:
+            self._check_open()
+            txn = self._begin()
+            out: list[pb.Object] = []
+            results: list[str] = []
+            try:
+                for obj in objects:
+                    stored, result = self._apply_one(txn, obj)
+                    out.append(stored)
+                    results.append(result)
+                if dry_run:
+                    self._sync_endpoints(txn)
+                    self._rollback(txn)
+                else:
+                    self._commit(txn)
+            except RegistryError:
+                self._rollback(txn)
+                raise
+            except Exception:
+                self._rollback(txn)
+                raise
+            return ApplyResult(out, results)
+
+    def _apply_one(self, txn: _Txn, given: pb.Object) -> tuple[pb.Object, str]:
+        if given.WhichOneof("kind") is None:
+            raise RegistryError(Reason.INVALID, "object: Required value: no kind set")
+        obj = pb.Object()
+        obj.CopyFrom(given)
+        apply_defaults(obj)
+        kind = kind_of(obj).name
+        msg = message_of(obj)
+        key = key_of(obj)
+        old = self._objects.get(key)
+        what = f'{kind} "{msg.metadata.name}"'
+        if kind == "EndpointSlice" and msg.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+            raise RegistryError(
+                Reason.INVALID,
+                f"{what} is invalid: metadata.labels: Forbidden: "
+                f"slices labelled {MANAGED_BY_LABEL}={MANAGED_BY} are the registry's own",
+            )
+        if kind == "Service" and old is not None:
+            # An update that leaves clusterIP/nodePorts empty keeps what was allocated.
+            self._keep_allocations(old.service, obj.service)
+        errors = validate(obj, old)
+        if errors:
+            detail = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
+            raise RegistryError(Reason.INVALID, f"{what} is invalid: {detail}")
+        if kind == "Service":
+            self._allocate(key, obj.service, what)
+        if old is not None:
+            self._carry_meta(old, obj)
+            if _spec_equal(old, obj):
+                return old, "unchanged"
+            message_of(obj).metadata.generation = message_of(old).metadata.generation + 1
+            stored = self._put(txn, key, obj)
+            assert stored is not None
+            return stored, "configured"
+        self._new_meta(obj)
+        stored = self._put(txn, key, obj)
+        assert stored is not None
+        return stored, "created"
+
+    @staticmethod
+    def _keep_allocations(old: pb.Service, new: pb.Service) -> None:
+        if not new.spec.cluster_ip and old.spec.cluster_ip:
+            new.spec.cluster_ip = old.spec.cluster_ip
+        if not new.spec.cluster_ips and old.spec.cluster_ips and new.spec.cluster_ip == old.spec.cluster_ip:
+            new.spec.cluster_ips[:] = old.spec.cluster_ips
+        if new.spec.type == old.spec.type == "NodePort":
+            olds = {(p.port, p.protocol or "TCP"): p.node_port for p in old.spec.ports}
+            by_name = {p.name: p.node_port for p in old.spec.ports if p.name}
+            for p in new.spec.ports:
+                if not p.node_port:
+                    p.node_port = olds.get((p.port, p.protocol or "TCP")) or by_name.get(p.name, 0)
+            if not new.spec.health_check_node_port:
+                new.spec.health_check_node_port = old.spec.health_check_node_port
+
+    def _allocate(self, key: Key, svc: pb.Service, what: str) -> None:
+        """Give svc a clusterIP and nodePorts, honouring the ones it asks for."""
+        spec = svc.spec
+
+        def invalid(path: str, value: object, detail: str, reason: Reason = Reason.INVALID) -> RegistryError:
+            v = f'"{value}"' if isinstance(value, str) else str(value)
+            return RegistryError(reason, f"{what} is invalid: {path}: Invalid value: {v}: {detail}")
+
+        if spec.cluster_ip == "":
+            try:
+                spec.cluster_ip = self.service_range.allocate(self._cluster_ips, len(self._cluster_ips))
+            except AllocationError:
+                raise RegistryError(
+                    Reason.INVALID,
+                    f"{what} is invalid: spec.clusterIP: Internal error: failed to allocate a "
+                    f"service IP: range {self.service_range} is full",
+                ) from None
+        elif spec.cluster_ip != "None":
+            if not self.service_range.contains(spec.cluster_ip):
+                raise invalid(
+                    "spec.clusterIP",
+                    spec.cluster_ip,
+                    f"provided IP is not in the valid range. The range of valid IPs is {self.service_range}",
+                )
+            owner = self._cluster_ips.get(spec.cluster_ip)
+            if owner is not None and owner != key:
+                raise invalid(
+                    "spec.clusterIP",
+                    spec.cluster_ip,
+                    f"provided IP is already allocated (to service {owner.namespace}/{owner.name})",
+                    Reason.ALREADY_EXISTS,
+                )
+        spec.cluster_ips[:] = [spec.cluster_ip]
+
+        if spec.type != "NodePort":
+            spec.health_check_node_port = 0
+            return
+        mine: set[int] = set()
+
+        def take(path: str, port: int) -> int:
+            if port:
+                if port not in self.node_port_range:
+                    raise invalid(
+                        path,
+                        port,
+                        "provided port is not in the valid range. The range of valid ports is "
+                        + self.node_port_range_text,
+                    )
+                owner = self._node_ports.get(port)
+                if owner is not None and owner != key:
+                    raise invalid(
+                        path,
+                        port,
+                        f"provided port is already allocated (to service {owner.namespace}/{owner.name})",
+                        Reason.ALREADY_EXISTS,
+                    )
+                mine.add(port)
+                return port
+            used = _Union(self._node_ports, mine)
+            try:
+                port = self.node_port_range.allocate(used, len(self._node_ports) + len(mine))
+            except AllocationError:
+                raise RegistryError(
+                    Reason.INVALID,
+                    f"{what} is invalid: {path}: Internal error: failed to allocate a node port: "
+                    f"range {self.node_port_range_text} is full",
+                ) from None
+            mine.add(port)
+            return port
+
+        for i, p in enumerate(spec.ports):
+            if p.node_port:
+                take(f"spec.ports[{i}].nodePort", p.node_port)
+        same: dict[str, int] = {}
+        for i, p in enumerate(spec.ports):
+            if not p.node_port:
+                # TCP and UDP on one port number share one nodePort, as Kubernetes does.
+                p.node_port = same.get(str(p.port)) or take(f"spec.ports[{i}].nodePort", 0)
+            same[str(p.port)] = p.node_port
+        if spec.external_traffic_policy == "Local":
+            spec.health_check_node_port = take("spec.healthCheckNodePort", spec.health_check_node_port)
+        else:
+            spec.health_check_node_port = 0
+
+    def delete(self, key: Key, grace_period_seconds: int | None = None) -> pb.Object:
+        """Remove an object; a Pod given a grace period stays, terminating, until it ends."""
+        with self._lock:
+            self._check_open()
+            key = self._normal_key(key)
+            old = self._objects.get(key)
+            if old is None:
+                raise RegistryError(Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found')
+            txn = self._begin()
+            try:
+                if key.kind == "Pod" and grace_period_seconds and grace_period_seconds > 0:
+                    if old.pod.metadata.HasField("deletion_timestamp"):
+                        return old
+                    new = pb.Object()
+                    new.CopyFrom(old)
+                    new.pod.metadata.deletion_timestamp.CopyFrom(_now())
+                    new.pod.metadata.deletion_grace_period_seconds = grace_period_seconds
+                    stored = self._put(txn, key, new)
+                    assert stored is not None
+                    self._commit(txn)
+                    return stored
+                self._put(txn, key, None)
+                self._commit(txn)
+            except Exception:
+                self._rollback(txn)
+                raise
+            return old
+
+    def _reap_loop(self) -> None:
+        """Ends terminating Pods whose grace period is over."""
+        while not self._closed:
+            time.sleep(0.2)
+            now = time.time()
+            with self._lock:
+                if self._closed:
+                    return
+                due = []
+                for k in self._terminating:
+                    meta = self._objects[k].pod.metadata
+                    if meta.deletion_timestamp.seconds + meta.deletion_grace_period_seconds <= now:
+                        due.append(k)
+                for k in sorted(due):
+                    try:
+                        self.delete(k)
+                    except RegistryError:
+                        pass
+
+    # ------------------------------------------------------------ reads
+
+    @staticmethod
+    def _normal_key(key: Key) -> Key:
+        kind = KINDS.get(key.kind)
+        if kind is None:
+            raise RegistryError(Reason.INVALID, f'unknown kind "{key.kind}" (known: {", ".join(KINDS)})')
+        ns = (key.namespace or DEFAULT_NAMESPACE) if kind.namespaced else ""
+        return Key(kind.name, ns, key.name)
+
+    def get(self, key: Key) -> pb.Object:
+        with self._lock:
+            key = self._normal_key(key)
+            obj = self._objects.get(key)
+            if obj is None:
+                raise RegistryError(Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found')
+            return obj
+
+    def _matcher(self, kind: str, namespace: str, selector: str) -> Matcher:
+        if kind and kind not in KINDS:
+            raise RegistryError(Reason.INVALID, f'unknown kind "{kind}" (known: {", ".join(KINDS)})')
+        try:
+            sel = labels.parse_selector(selector)
+        except labels.SelectorError as e:
+            raise RegistryError(Reason.INVALID, f"labelSelector: {e}") from None
+
+        def match(key: Key, obj: pb.Object) -> bool:
+            if kind and key.kind != kind:
+                return False
+            if namespace and key.namespace and key.namespace != namespace:
+                return False
+            return sel.matches(message_of(obj).metadata.labels)
+
+        return match
+
+    def list(self, kind: str = "", namespace: str = "", selector: str = "") -> tuple[list[pb.Object], int]:
+        """The matching objects sorted by key, and the revision they were read at."""
+        match = self._matcher(kind, namespace, selector)
+        with self._lock:
+            pool = self._by_kind[kind] if kind else self._objects
+            items = [o for k, o in sorted(pool.items()) if match(k, o)]
+            return items, self._revision
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return self._revision
+
+    def watch(
+        self,
+        kind: str = "",
+        namespace: str = "",
+        selector: str = "",
+        resource_version: str = "",
+        active: Callable[[], bool] = lambda: True,
+        bookmark_every: float = 10.0,
+    ) -> Iterator[tuple[int, pb.Object | None, int]]:
+        """(event type, object, revision) for every matching change after
+        resource_version, in order. With "" it starts with the current state as ADDED
+        events and a BOOKMARK. Raises GONE when the history no longer reaches back."""
+        match = self._matcher(kind, namespace, selector)
+        with self._lock:
+            if resource_version == "":
+                rev = self._revision
+                initial = [o for k, o in sorted(self._objects.items()) if match(k, o)]
+            else:
+                try:
+                    rev = int(resource_version)
+                except ValueError:
+                    raise RegistryError(
+                        Reason.INVALID, f'resourceVersion: Invalid value: "{resource_version}": not a number'
+                    ) from None
+                self._check_resumable(rev)
+                initial = []
+        for obj in initial:
+            yield ADDED, obj, int(message_of(obj).metadata.resource_version)
+        if resource_version == "":
+            yield BOOKMARK, None, rev
+        last_sent = time.monotonic()
+        while active():
+            with self._lock:
+                if self._revision <= rev and not self._closed:
+                    self._cond.wait(timeout=0.5)
+                if self._closed:
+                    raise RegistryError(Reason.UNAVAILABLE, "the registry is shutting down")
+                self._check_resumable(rev)
+                start = rev + 1 - self._first_rev
+                batch = self._events[start : start + 1000]
+                published = self._revision
+            for ev in batch:
+                rev = ev.rev
+                if match(ev.key, ev.obj):
+                    yield ev.type, ev.obj, ev.rev
+                    last_sent = time.monotonic()
+            if not batch and time.monotonic() - last_sent >= bookmark_every:
+                rev = max(rev, published)
+                yield BOOKMARK, None, rev
+                last_sent = time.monotonic()
+
+    def _check_resumable(self, rev: int) -> None:
+        # Events are kept from _first_rev on: a watcher at rev needs rev + 1 onwards.
+        if rev < self._first_rev - 1:
+            raise RegistryError(
+                Reason.GONE,
+                f"too old resource version: {rev} (the oldest kept is {self._first_rev - 1}): relist",
+            )
+        if rev > self._revision:
+            raise RegistryError(
+                Reason.GONE,
+                f"resource version {rev} is newer than the registry's ({self._revision}): relist",
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RegistryError(Reason.UNAVAILABLE, "the registry is shutting down")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        self._reaper.join(timeout=2)
+        self.store.close()
+
+
+class _Union:
+    """Membership in either of two containers, without copying them."""
+
+    def __init__(self, a: dict[int, Key], b: set[int]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, v: object) -> bool:
+        return v in self.a or v in self.b

@@ -1,0 +1,100 @@
+"""The endpoints controller's logic: a Service and the Pods it selects -> its EndpointSlices."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.objects import KINDS, SERVICE_NAME_LABEL, int_or_string
+
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+MANAGED_BY = "ebpflb-registry"
+
+# (service port name, protocol, resolved target port) for each service port a pod serves
+PortSet = tuple[tuple[str, str, int], ...]
+
+
+def pod_is_ready(pod: pb.Pod) -> bool:
+    """Ready as Kubernetes says: the Ready condition is "True". A Pod given without
+    any Ready condition (no kubelet reports one here) counts as ready once it has an
+    IP and is Running or has no phase, so hand-written Pods work."""
+    for c in pod.status.conditions:
+        if c.type == "Ready":
+            return c.status == "True"
+    return bool(pod.status.pod_ip) and pod.status.phase in ("", "Running")
+
+
+def pod_is_terminating(pod: pb.Pod) -> bool:
+    return pod.metadata.HasField("deletion_timestamp")
+
+
+def resolve_target_port(pod: pb.Pod, port: pb.ServicePort) -> int | None:
+    """The pod's port for a service port: a number as it is, a name looked up among the
+    pod's container ports of the same protocol (None when the pod has no such port)."""
+    target = int_or_string(port.target_port)
+    if target is None:
+        return port.port
+    if isinstance(target, int):
+        return target
+    protocol = port.protocol or "TCP"
+    for c in pod.spec.containers:
+        for cp in c.ports:
+            if cp.name == target and (cp.protocol or "TCP") == protocol:
+                return cp.container_port
+    return None
+
+
+def pod_port_set(svc: pb.Service, pod: pb.Pod) -> PortSet:
+    out = []
+    for p in svc.spec.ports:
+        resolved = resolve_target_port(pod, p)
+        if resolved is not None:
+            out.append((p.name, p.protocol or "TCP", resolved))
+    return tuple(out)
+
+
+def slice_name(service: str, ports: PortSet) -> str:
+    digest = hashlib.sha1(repr(ports).encode()).hexdigest()[:5]
+    return f"{service}-{digest}"
+
+
+def compute_slices(svc: pb.Service, pods: Iterable[pb.Pod]) -> list[pb.EndpointSlice]:
+    """The EndpointSlices for svc given the pods its selector picks: one slice per
+    distinct set of resolved ports (a named targetPort may resolve differently per
+    pod; a pod without the name is not an endpoint for that port). Pods without an
+    IP, or that have finished, are no endpoints. Sorted, so equal input gives equal
+    output and an unchanged slice is never rewritten."""
+    groups: dict[PortSet, list[pb.Pod]] = {}
+    for pod in pods:
+        if not pod.status.pod_ip or pod.status.phase in ("Succeeded", "Failed"):
+            continue
+        ports = pod_port_set(svc, pod)
+        if ports:
+            groups.setdefault(ports, []).append(pod)
+    slices = []
+    for ports, members in sorted(groups.items()):
+        es = pb.EndpointSlice(
+            api_version=KINDS["EndpointSlice"].api_version,
+            kind="EndpointSlice",
+            address_type="IPv4",
+        )
+        es.metadata.name = slice_name(svc.metadata.name, ports)
+        es.metadata.namespace = svc.metadata.namespace
+        es.metadata.labels[SERVICE_NAME_LABEL] = svc.metadata.name
+        es.metadata.labels[MANAGED_BY_LABEL] = MANAGED_BY
+        for name, protocol, port in ports:
+            es.ports.add(name=name, protocol=protocol, port=port)
+        for pod in sorted(members, key=lambda p: (p.status.pod_ip, p.metadata.name)):
+            ready = pod_is_ready(pod)
+            terminating = pod_is_terminating(pod)
+            ep = es.endpoints.add(addresses=[pod.status.pod_ip], node_name=pod.spec.node_name)
+            ep.conditions.ready = ready and not terminating
+            ep.conditions.serving = ready
+            ep.conditions.terminating = terminating
+            ep.target_ref.kind = "Pod"
+            ep.target_ref.namespace = pod.metadata.namespace
+            ep.target_ref.name = pod.metadata.name
+            ep.target_ref.uid = pod.metadata.uid
+        slices.append(es)
+    return slices

@@ -1,0 +1,165 @@
+"""Durable storage for the registry: objects and the event log, behind one small interface."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.objects import Key
+
+ADDED = pb.WatchEvent.ADDED
+MODIFIED = pb.WatchEvent.MODIFIED
+DELETED = pb.WatchEvent.DELETED
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change: the revision it got, what happened, and the object after it
+    (for DELETED, the object as it was last stored)."""
+
+    rev: int
+    type: int  # pb.WatchEvent.Type
+    key: Key
+    obj: pb.Object
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a store holds when the registry starts."""
+
+    revision: int  # the last revision written
+    compacted: int  # events at or below this revision are gone
+    objects: list[tuple[pb.Object, int]]  # (object, revision of its last change)
+    events: list[Event]  # the retained events, oldest first
+
+
+class Store(Protocol):
+    """Where the registry keeps its state. commit() is atomic and durable on return."""
+
+    def load(self) -> Snapshot: ...
+
+    def commit(self, events: list[Event]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StoreError(RuntimeError):
+    """The store could not write or read; the change was not made."""
+
+
+def _key_text(key: Key) -> str:
+    return f"{key.kind}/{key.namespace}/{key.name}"
+
+
+def _key_from_text(text: str) -> Key:
+    kind, ns, name = text.split("/", 2)
+    return Key(kind, ns, name)
+
+
+class SqliteStore:
+    """SQLite in WAL mode with synchronous=FULL: a commit that returned survives kill -9
+    and power loss. One writer (this registry process) at a time."""
+
+    def __init__(self, path: str, history: int = 100_000) -> None:
+        self.path = path
+        self.history = history
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS objects (
+                key TEXT PRIMARY KEY, rev INTEGER NOT NULL, data BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS events (
+                rev INTEGER PRIMARY KEY, type INTEGER NOT NULL,
+                key TEXT NOT NULL, data BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            """
+        )
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            pass
+
+    def _meta(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def load(self) -> Snapshot:
+        with self._lock:
+            revision = self._meta("revision")
+            compacted = self._meta("compacted")
+            objects = []
+            for data, rev in self._db.execute("SELECT data, rev FROM objects"):
+                obj = pb.Object()
+                obj.ParseFromString(data)
+                objects.append((obj, int(rev)))
+            events = []
+            for rev, typ, key, data in self._db.execute(
+                "SELECT rev, type, key, data FROM events ORDER BY rev"
+            ):
+                obj = pb.Object()
+                obj.ParseFromString(data)
+                events.append(Event(int(rev), int(typ), _key_from_text(key), obj))
+        return Snapshot(revision, compacted, objects, events)
+
+    def commit(self, events: list[Event]) -> None:
+        if not events:
+            return
+        last = events[-1].rev
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for ev in events:
+                    k = _key_text(ev.key)
+                    data = ev.obj.SerializeToString()
+                    if ev.type == DELETED:
+                        self._db.execute("DELETE FROM objects WHERE key = ?", (k,))
+                    else:
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO objects (key, rev, data) VALUES (?, ?, ?)",
+                            (k, ev.rev, data),
+                        )
+                    self._db.execute(
+                        "INSERT INTO events (rev, type, key, data) VALUES (?, ?, ?, ?)",
+                        (ev.rev, ev.type, k, data),
+                    )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('revision', ?)", (last,)
+                )
+                floor = last - self.history
+                if floor > 0 and floor > self._meta("compacted") + self.history // 10:
+                    self._db.execute("DELETE FROM events WHERE rev <= ?", (floor,))
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('compacted', ?)",
+                        (floor,),
+                    )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"sqlite {self.path}: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(url: str, history: int = 100_000) -> Store:
+    """A store from its URL: sqlite:///abs/path.db (or sqlite://rel/path.db)."""
+    u = urlparse(url)
+    if u.scheme == "sqlite":
+        path = (u.netloc + u.path) if u.netloc else u.path
+        if not path:
+            raise ValueError(f"store URL {url!r} names no file")
+        return SqliteStore(path, history=history)
+    raise ValueError(f"unsupported store URL {url!r}: expected sqlite:///PATH")
