@@ -57,7 +57,9 @@ class RegistryProcess:
         self.start()
 
 
-def wait_serving(address: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+def wait_serving(
+    address: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60
+) -> None:
     """Block until the registry's health service says SERVING."""
     deadline = time.monotonic() + timeout
     while True:

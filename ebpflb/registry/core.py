@@ -3,10 +3,11 @@ state, persisted through a Store, with an ordered, resumable event stream."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -145,7 +146,9 @@ class Registry:
             self._objects.pop(key, None)
             self._by_kind[key.kind].pop(key, None)
 
-        def mark(index: dict[tuple[str, str, str], set[Key]], pairs: Iterable[tuple[str, str]]) -> None:
+        def mark(
+            index: dict[tuple[str, str, str], set[Key]], pairs: Iterable[tuple[str, str]]
+        ) -> None:
             for k, v in pairs:
                 t = (key.namespace, k, v)
                 if add:
@@ -217,9 +220,11 @@ class Registry:
         if key.kind == "Service":
             txn.touched_services.add(key)
         elif key.kind == "Pod":
-            txn.touched_services.update(self._services_selecting(key.namespace, obj.pod.metadata.labels))
+            txn.touched_services.update(
+                self._services_selecting(key.namespace, obj.pod.metadata.labels)
+            )
 
-    def _services_selecting(self, namespace: str, pod_labels: Iterable[tuple[str, str]] | dict[str, str]) -> set[Key]:
+    def _services_selecting(self, namespace: str, pod_labels: Mapping[str, str]) -> set[Key]:
         lbls = dict(pod_labels)
         out: set[Key] = set()
         candidates: set[Key] = set()
@@ -284,7 +289,8 @@ class Registry:
             existing = {
                 k: self._objects[k]
                 for k in self._slices_of.get((skey.namespace, skey.name), set())
-                if self._objects[k].endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+                if self._objects[k].endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL)
+                == MANAGED_BY
             }
             for es in desired:
                 new = wrap(es)
@@ -390,7 +396,11 @@ class Registry:
     def _keep_allocations(old: pb.Service, new: pb.Service) -> None:
         if not new.spec.cluster_ip and old.spec.cluster_ip:
             new.spec.cluster_ip = old.spec.cluster_ip
-        if not new.spec.cluster_ips and old.spec.cluster_ips and new.spec.cluster_ip == old.spec.cluster_ip:
+        if (
+            not new.spec.cluster_ips
+            and old.spec.cluster_ips
+            and new.spec.cluster_ip == old.spec.cluster_ip
+        ):
             new.spec.cluster_ips[:] = old.spec.cluster_ips
         if new.spec.type == old.spec.type == "NodePort":
             olds = {(p.port, p.protocol or "TCP"): p.node_port for p in old.spec.ports}
@@ -405,13 +415,17 @@ class Registry:
         """Give svc a clusterIP and nodePorts, honouring the ones it asks for."""
         spec = svc.spec
 
-        def invalid(path: str, value: object, detail: str, reason: Reason = Reason.INVALID) -> RegistryError:
+        def invalid(
+            path: str, value: object, detail: str, reason: Reason = Reason.INVALID
+        ) -> RegistryError:
             v = f'"{value}"' if isinstance(value, str) else str(value)
             return RegistryError(reason, f"{what} is invalid: {path}: Invalid value: {v}: {detail}")
 
         if spec.cluster_ip == "":
             try:
-                spec.cluster_ip = self.service_range.allocate(self._cluster_ips, len(self._cluster_ips))
+                spec.cluster_ip = self.service_range.allocate(
+                    self._cluster_ips, len(self._cluster_ips)
+                )
             except AllocationError:
                 raise RegistryError(
                     Reason.INVALID,
@@ -423,7 +437,8 @@ class Registry:
                 raise invalid(
                     "spec.clusterIP",
                     spec.cluster_ip,
-                    f"provided IP is not in the valid range. The range of valid IPs is {self.service_range}",
+                    "provided IP is not in the valid range. "
+                    f"The range of valid IPs is {self.service_range}",
                 )
             owner = self._cluster_ips.get(spec.cluster_ip)
             if owner is not None and owner != key:
@@ -454,7 +469,8 @@ class Registry:
                     raise invalid(
                         path,
                         port,
-                        f"provided port is already allocated (to service {owner.namespace}/{owner.name})",
+                        "provided port is already allocated "
+                        f"(to service {owner.namespace}/{owner.name})",
                         Reason.ALREADY_EXISTS,
                     )
                 mine.add(port)
@@ -481,7 +497,9 @@ class Registry:
                 p.node_port = same.get(str(p.port)) or take(f"spec.ports[{i}].nodePort", 0)
             same[str(p.port)] = p.node_port
         if spec.external_traffic_policy == "Local":
-            spec.health_check_node_port = take("spec.healthCheckNodePort", spec.health_check_node_port)
+            spec.health_check_node_port = take(
+                "spec.healthCheckNodePort", spec.health_check_node_port
+            )
         else:
             spec.health_check_node_port = 0
 
@@ -492,7 +510,9 @@ class Registry:
             key = self._normal_key(key)
             old = self._objects.get(key)
             if old is None:
-                raise RegistryError(Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found')
+                raise RegistryError(
+                    Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found'
+                )
             txn = self._begin()
             try:
                 if key.kind == "Pod" and grace_period_seconds and grace_period_seconds > 0:
@@ -527,10 +547,8 @@ class Registry:
                     if meta.deletion_timestamp.seconds + meta.deletion_grace_period_seconds <= now:
                         due.append(k)
                 for k in sorted(due):
-                    try:
+                    with contextlib.suppress(RegistryError):
                         self.delete(k)
-                    except RegistryError:
-                        pass
 
     # ------------------------------------------------------------ reads
 
@@ -538,7 +556,9 @@ class Registry:
     def _normal_key(key: Key) -> Key:
         kind = KINDS.get(key.kind)
         if kind is None:
-            raise RegistryError(Reason.INVALID, f'unknown kind "{key.kind}" (known: {", ".join(KINDS)})')
+            raise RegistryError(
+                Reason.INVALID, f'unknown kind "{key.kind}" (known: {", ".join(KINDS)})'
+            )
         ns = (key.namespace or DEFAULT_NAMESPACE) if kind.namespaced else ""
         return Key(kind.name, ns, key.name)
 
@@ -547,12 +567,16 @@ class Registry:
             key = self._normal_key(key)
             obj = self._objects.get(key)
             if obj is None:
-                raise RegistryError(Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found')
+                raise RegistryError(
+                    Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found'
+                )
             return obj
 
     def _matcher(self, kind: str, namespace: str, selector: str) -> Matcher:
         if kind and kind not in KINDS:
-            raise RegistryError(Reason.INVALID, f'unknown kind "{kind}" (known: {", ".join(KINDS)})')
+            raise RegistryError(
+                Reason.INVALID, f'unknown kind "{kind}" (known: {", ".join(KINDS)})'
+            )
         try:
             sel = labels.parse_selector(selector)
         except labels.SelectorError as e:
@@ -567,7 +591,9 @@ class Registry:
 
         return match
 
-    def list(self, kind: str = "", namespace: str = "", selector: str = "") -> tuple[list[pb.Object], int]:
+    def list(
+        self, kind: str = "", namespace: str = "", selector: str = ""
+    ) -> tuple[list[pb.Object], int]:
         """The matching objects sorted by key, and the revision they were read at."""
         match = self._matcher(kind, namespace, selector)
         with self._lock:
@@ -602,7 +628,8 @@ class Registry:
                     rev = int(resource_version)
                 except ValueError:
                     raise RegistryError(
-                        Reason.INVALID, f'resourceVersion: Invalid value: "{resource_version}": not a number'
+                        Reason.INVALID,
+                        f'resourceVersion: Invalid value: "{resource_version}": not a number',
                     ) from None
                 self._check_resumable(rev)
                 initial = []
@@ -636,7 +663,8 @@ class Registry:
         if rev < self._first_rev - 1:
             raise RegistryError(
                 Reason.GONE,
-                f"too old resource version: {rev} (the oldest kept is {self._first_rev - 1}): relist",
+                f"too old resource version: {rev} "
+                f"(the oldest kept is {self._first_rev - 1}): relist",
             )
         if rev > self._revision:
             raise RegistryError(

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
-from ebpflb.objects import Key, wrap
+from ebpflb.objects import Key
 from ebpflb.registry.core import Reason, Registry, RegistryError
 from ebpflb.registry.store import open_store
 
@@ -77,7 +77,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             _abort(context, e)
         return pb.ListResponse(items=items, resource_version=str(rev))
 
-    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchEvent]:
+    def Watch(
+        self, request: pb.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchEvent]:
         try:
             for typ, obj, rev in self.registry.watch(
                 request.kind,
@@ -106,7 +108,7 @@ def _listen_address(listen: str) -> str:
 
 
 def make_server(registry: Registry, listen: str, max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server for registry on listen; returns it and the bound port."""
+    """A server (not yet started) for registry on listen, and the port it bound."""
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -119,7 +121,11 @@ def make_server(registry: Registry, listen: str, max_workers: int = 64) -> tuple
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     address = _listen_address(listen)
@@ -137,7 +143,9 @@ def run(
 ) -> None:
     """Serve until SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s registry %(levelname)s %(message)s")
-    registry = Registry(open_store(store_url), service_cidr=service_cidr, node_port_range=node_port_range)
+    registry = Registry(
+        open_store(store_url), service_cidr=service_cidr, node_port_range=node_port_range
+    )
     server, port = make_server(registry, listen)
     server.start()
     if listen.startswith("unix://"):

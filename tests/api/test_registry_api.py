@@ -39,13 +39,22 @@ def svc(name: str, **spec: object) -> pb.Object:
     return from_manifest(doc)
 
 
-def pod(name: str, ip: str, labels: dict[str, str], ports: list[dict[str, object]] | None = None,
-        node: str = "node0", ready: bool | None = None) -> pb.Object:
+def pod(
+    name: str,
+    ip: str,
+    labels: dict[str, str],
+    ports: list[dict[str, object]] | None = None,
+    node: str = "node0",
+    ready: bool | None = None,
+) -> pb.Object:
     doc: dict[str, object] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx", "ports": ports or []}]},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "nginx", "ports": ports or []}],
+        },
         "status": {"phase": "Running", "podIP": ip},
     }
     if ready is not None:
@@ -148,7 +157,9 @@ def test_health_and_reflection(registry_addr: str) -> None:
             status = h.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         r = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resp = next(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        resp = next(
+            r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
         listed = {s.name for s in resp.list_services_response.service}
         assert "ebpflb.v1.Registry" in listed and "grpc.health.v1.Health" in listed
 
@@ -159,12 +170,22 @@ def test_health_and_reflection(registry_addr: str) -> None:
 @pytest.mark.parametrize(
     ("obj", "code", "detail"),
     [
-        (svc("p0", ports=[{"port": 0}]), "INVALID_ARGUMENT",
-         'Service "p0" is invalid: spec.ports[0].port: Invalid value: 0: must be between 1 and 65535'),
-        (svc("outside", clusterIP="10.0.0.1"), "INVALID_ARGUMENT",
-         'spec.clusterIP: Invalid value: "10.0.0.1": provided IP is not in the valid range'),
-        (svc("np", type="NodePort", ports=[{"port": 80, "nodePort": 80}]), "INVALID_ARGUMENT",
-         "spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range"),
+        (
+            svc("p0", ports=[{"port": 0}]),
+            "INVALID_ARGUMENT",
+            'Service "p0" is invalid: [spec.ports[0].port: Invalid value: 0: '
+            "must be between 1 and 65535",
+        ),
+        (
+            svc("outside", clusterIP="10.0.0.1"),
+            "INVALID_ARGUMENT",
+            'spec.clusterIP: Invalid value: "10.0.0.1": provided IP is not in the valid range',
+        ),
+        (
+            svc("np", type="NodePort", ports=[{"port": 80, "nodePort": 80}]),
+            "INVALID_ARGUMENT",
+            "spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range",
+        ),
         (svc("Bad_Name"), "INVALID_ARGUMENT", "metadata.name: Invalid value"),
     ],
     ids=["port-0", "clusterip-outside-range", "nodeport-outside-range", "bad-name"],
@@ -183,11 +204,21 @@ def test_invalid_objects_are_refused_and_change_nothing(
 
 
 def test_taken_cluster_ip_and_node_port(stub: pb_grpc.RegistryStub) -> None:
-    apply(stub, svc("one", clusterIP="10.96.0.10", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    apply(
+        stub,
+        svc(
+            "one", clusterIP="10.96.0.10", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]
+        ),
+    )
     for obj, needle in [
-        (svc("two", clusterIP="10.96.0.10"), 'spec.clusterIP: Invalid value: "10.96.0.10": provided IP is already allocated'),
-        (svc("three", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]),
-         "spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated"),
+        (
+            svc("two", clusterIP="10.96.0.10"),
+            'spec.clusterIP: Invalid value: "10.96.0.10": provided IP is already allocated',
+        ),
+        (
+            svc("three", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]),
+            "spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated",
+        ),
     ]:
         with pytest.raises(grpc.RpcError) as e:
             apply(stub, obj)
@@ -196,7 +227,12 @@ def test_taken_cluster_ip_and_node_port(stub: pb_grpc.RegistryStub) -> None:
     assert set(services(stub)) == {"one"}
     # Freed on delete: both can be had again.
     stub.Delete(pb.DeleteRequest(key=pb.ObjectKey(kind="Service", name="one")), timeout=5)
-    apply(stub, svc("two", clusterIP="10.96.0.10", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]))
+    apply(
+        stub,
+        svc(
+            "two", clusterIP="10.96.0.10", type="NodePort", ports=[{"port": 80, "nodePort": 30080}]
+        ),
+    )
 
 
 def test_cluster_ip_is_immutable_and_kept_on_update(stub: pb_grpc.RegistryStub) -> None:
@@ -216,7 +252,12 @@ def test_cluster_ip_is_immutable_and_kept_on_update(stub: pb_grpc.RegistryStub) 
 
 def test_a_batch_with_one_bad_object_applies_none(stub: pb_grpc.RegistryStub) -> None:
     with pytest.raises(grpc.RpcError) as e:
-        apply(stub, svc("good1"), pod("p", "10.244.0.5", {"app": "good1"}), svc("bad", ports=[{"port": 70000}]))
+        apply(
+            stub,
+            svc("good1"),
+            pod("p", "10.244.0.5", {"app": "good1"}),
+            svc("bad", ports=[{"port": 70000}]),
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stub.List(pb.ListRequest(), timeout=5).items == []
     assert stub.List(pb.ListRequest(), timeout=5).resource_version == "0"
@@ -272,16 +313,42 @@ def test_endpoints_follow_pods_with_named_ports(stub: pb_grpc.RegistryStub) -> N
     assert endpoints(stub, "nginx-service") == {("10.244.0.5", 80, True)}
     assert endpoints(stub, "web-nodeport") == {("10.244.0.5", 80, True)}
     # The same name on another port number in another pod: its own slice.
-    apply(stub, pod("nginx2", "10.244.0.6", {"app.kubernetes.io/name": "proxy"},
-                    [{"name": "http-web-svc", "containerPort": 8080}]))
-    assert endpoints(stub, "nginx-service") == {("10.244.0.5", 80, True), ("10.244.0.6", 8080, True)}
+    apply(
+        stub,
+        pod(
+            "nginx2",
+            "10.244.0.6",
+            {"app.kubernetes.io/name": "proxy"},
+            [{"name": "http-web-svc", "containerPort": 8080}],
+        ),
+    )
+    assert endpoints(stub, "nginx-service") == {
+        ("10.244.0.5", 80, True),
+        ("10.244.0.6", 8080, True),
+    }
     assert len(slices(stub, "nginx-service")) == 2
     # A pod without that port name is not an endpoint for that port.
-    apply(stub, pod("other", "10.244.0.7", {"app.kubernetes.io/name": "proxy"}, [{"name": "metrics", "containerPort": 9}]))
+    apply(
+        stub,
+        pod(
+            "other",
+            "10.244.0.7",
+            {"app.kubernetes.io/name": "proxy"},
+            [{"name": "metrics", "containerPort": 9}],
+        ),
+    )
     assert len(endpoints(stub, "nginx-service")) == 2
     # Not ready: listed, not ready. Labels changed: gone. Deleted: gone.
-    apply(stub, pod("nginx2", "10.244.0.6", {"app.kubernetes.io/name": "proxy"},
-                    [{"name": "http-web-svc", "containerPort": 8080}], ready=False))
+    apply(
+        stub,
+        pod(
+            "nginx2",
+            "10.244.0.6",
+            {"app.kubernetes.io/name": "proxy"},
+            [{"name": "http-web-svc", "containerPort": 8080}],
+            ready=False,
+        ),
+    )
     assert ("10.244.0.6", 8080, False) in endpoints(stub, "nginx-service")
     apply(stub, pod("nginx2", "10.244.0.6", {"app.kubernetes.io/name": "else"}))
     assert endpoints(stub, "nginx-service") == {("10.244.0.5", 80, True)}
@@ -295,29 +362,48 @@ def test_endpoints_follow_pods_with_named_ports(stub: pb_grpc.RegistryStub) -> N
 
 
 def test_slice_shape(stub: pb_grpc.RegistryStub) -> None:
-    apply(stub, svc("web", ports=[{"port": 80, "targetPort": 8080, "name": "http"},
-                                   {"port": 53, "protocol": "UDP", "name": "dns"}]),
-          pod("w1", "10.244.1.3", {"app": "web"}, node="node1"))
+    apply(
+        stub,
+        svc(
+            "web",
+            ports=[
+                {"port": 80, "targetPort": 8080, "name": "http"},
+                {"port": 53, "protocol": "UDP", "name": "dns"},
+            ],
+        ),
+        pod("w1", "10.244.1.3", {"app": "web"}, node="node1"),
+    )
     (es,) = slices(stub, "web")
     assert es.address_type == "IPv4"
     assert es.metadata.labels["kubernetes.io/service-name"] == "web"
-    assert [(p.name, p.protocol, p.port) for p in es.ports] == [("http", "TCP", 8080), ("dns", "UDP", 53)]
+    assert [(p.name, p.protocol, p.port) for p in es.ports] == [
+        ("http", "TCP", 8080),
+        ("dns", "UDP", 53),
+    ]
     (ep,) = es.endpoints
     assert list(ep.addresses) == ["10.244.1.3"] and ep.node_name == "node1"
-    assert (ep.conditions.ready, ep.conditions.serving, ep.conditions.terminating) == (True, True, False)
+    assert (ep.conditions.ready, ep.conditions.serving, ep.conditions.terminating) == (
+        True,
+        True,
+        False,
+    )
     assert ep.target_ref.kind == "Pod" and ep.target_ref.name == "w1"
 
 
 def test_graceful_pod_delete_leaves_a_terminating_endpoint(stub: pb_grpc.RegistryStub) -> None:
     apply(stub, svc("web"), pod("w1", "10.244.0.3", {"app": "web"}))
-    stub.Delete(pb.DeleteRequest(key=pb.ObjectKey(kind="Pod", name="w1"), grace_period_seconds=1), timeout=5)
+    stub.Delete(
+        pb.DeleteRequest(key=pb.ObjectKey(kind="Pod", name="w1"), grace_period_seconds=1), timeout=5
+    )
     (es,) = slices(stub, "web")
     c = es.endpoints[0].conditions
     assert (c.ready, c.serving, c.terminating) == (False, True, True)
     got = stub.Get(pb.GetRequest(key=pb.ObjectKey(kind="Pod", name="w1")), timeout=5)
     assert got.pod.metadata.HasField("deletion_timestamp")
     # Gone once the grace period is over.
-    events = stub.Watch(pb.WatchRequest(kind="Pod", resource_version=got.pod.metadata.resource_version), timeout=10)
+    events = stub.Watch(
+        pb.WatchRequest(kind="Pod", resource_version=got.pod.metadata.resource_version), timeout=10
+    )
     ev = next(e for e in events if e.type != pb.WatchEvent.BOOKMARK)
     assert ev.type == pb.WatchEvent.DELETED and ev.object.pod.metadata.name == "w1"
     events.cancel()
@@ -344,7 +430,11 @@ def test_watch_lists_then_streams_in_order(stub: pb_grpc.RegistryStub) -> None:
     apply(stub, svc("a"), svc("b"))
     stream = stub.Watch(pb.WatchRequest(kind="Service"), timeout=30)
     first = [next(stream) for _ in range(3)]
-    assert [e.type for e in first] == [pb.WatchEvent.ADDED, pb.WatchEvent.ADDED, pb.WatchEvent.BOOKMARK]
+    assert [e.type for e in first] == [
+        pb.WatchEvent.ADDED,
+        pb.WatchEvent.ADDED,
+        pb.WatchEvent.BOOKMARK,
+    ]
     assert {e.object.service.metadata.name for e in first[:2]} == {"a", "b"}
     apply(stub, svc("c"))
     apply(stub, svc("a", selector={"app": "x"}))
@@ -365,7 +455,9 @@ def test_watch_lists_then_streams_in_order(stub: pb_grpc.RegistryStub) -> None:
     assert revs == sorted(revs) and int(first[2].resource_version) < revs[0]
 
 
-def test_a_watcher_away_for_100_changes_resumes_and_sees_all_in_order(stub: pb_grpc.RegistryStub) -> None:
+def test_a_watcher_away_for_100_changes_resumes_and_sees_all_in_order(
+    stub: pb_grpc.RegistryStub,
+) -> None:
     rv = stub.List(pb.ListRequest(), timeout=5).resource_version
     # Connect, see one change, disconnect.
     apply(stub, svc("first"))
@@ -375,8 +467,10 @@ def test_a_watcher_away_for_100_changes_resumes_and_sees_all_in_order(stub: pb_g
     expected = []
     for i in range(100):
         if i % 3 == 2:
-            stub.Delete(pb.DeleteRequest(key=pb.ObjectKey(kind="Service", name=f"s{i - 1}")), timeout=5)
-            expected.append((pb.WatchEvent.DELETED, f"s{i - 1}"))
+            stub.Delete(
+                pb.DeleteRequest(key=pb.ObjectKey(kind="Service", name=f"s{i - 2}")), timeout=5
+            )
+            expected.append((pb.WatchEvent.DELETED, f"s{i - 2}"))
         elif i % 3 == 1:
             apply(stub, svc(f"s{i - 1}", selector={"app": f"v{i}"}))
             expected.append((pb.WatchEvent.MODIFIED, f"s{i - 1}"))
@@ -414,7 +508,9 @@ def test_too_old_resource_version_is_a_clear_error(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as e:
                 list(stub.Watch(pb.WatchRequest(resource_version="1"), timeout=10))
             assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
-            assert "too old resource version: 1" in e.value.details() and "relist" in e.value.details()
+            assert (
+                "too old resource version: 1" in e.value.details() and "relist" in e.value.details()
+            )
             with pytest.raises(grpc.RpcError) as e:
                 list(stub.Watch(pb.WatchRequest(resource_version="999"), timeout=10))
             assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE

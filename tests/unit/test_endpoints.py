@@ -13,16 +13,24 @@ pytestmark = pytest.mark.unit
 
 def service(ports: list[dict[str, object]]) -> pb.Service:
     return from_manifest(
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "default"},
-         "spec": {"selector": {"app": "a"}, "ports": ports}}
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"selector": {"app": "a"}, "ports": ports},
+        }
     ).service
 
 
 def pod(name: str, ip: str, ports: list[dict[str, object]], **status: object) -> pb.Pod:
     return from_manifest(
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
-         "spec": {"containers": [{"name": "c", "ports": ports}]},
-         "status": {"podIP": ip, **status}}
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "ports": ports}]},
+            "status": {"podIP": ip, **status},
+        }
     ).pod
 
 
@@ -38,8 +46,9 @@ def pod(name: str, ip: str, ports: list[dict[str, object]], **status: object) ->
     ],
     ids=["number", "unset-is-port", "name", "name-wrong-protocol", "name-udp", "name-missing"],
 )
-def test_resolve_target_port(target: object, protocol: str, container_ports: list[dict[str, object]],
-                             expected: int | None) -> None:
+def test_resolve_target_port(
+    target: object, protocol: str, container_ports: list[dict[str, object]], expected: int | None
+) -> None:
     port: dict[str, object] = {"port": 80, "protocol": protocol}
     if target is not None:
         port["targetPort"] = target
@@ -63,7 +72,12 @@ def test_readiness(status: dict[str, object], ready: bool) -> None:
 
 
 def test_pods_group_by_resolved_ports_and_skip_the_unresolvable() -> None:
-    svc = service([{"name": "web", "port": 80, "targetPort": "http"}, {"name": "m", "port": 9, "targetPort": 9}])
+    svc = service(
+        [
+            {"name": "web", "port": 80, "targetPort": "http"},
+            {"name": "m", "port": 9, "targetPort": 9},
+        ]
+    )
     pods = [
         pod("a", "10.0.0.2", [{"name": "http", "containerPort": 80}]),
         pod("b", "10.0.0.1", [{"name": "http", "containerPort": 80}]),
@@ -74,7 +88,8 @@ def test_pods_group_by_resolved_ports_and_skip_the_unresolvable() -> None:
     ]
     slices = compute_slices(svc, pods)
     got = {
-        tuple((p.name, p.port) for p in es.ports): [ep.addresses[0] for ep in es.endpoints] for es in slices
+        tuple((p.name, p.port) for p in es.ports): [ep.addresses[0] for ep in es.endpoints]
+        for es in slices
     }
     assert got == {
         (("web", 80), ("m", 9)): ["10.0.0.1", "10.0.0.2"],
