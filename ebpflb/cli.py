@@ -1,0 +1,557 @@
+"""The `ebpflb` command: kubectl-like verbs against the registry, and the daemons themselves."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from ebpflb import printers
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.client import DEFAULT_ADDRESS, RegistryClient, RegistryError, RegistryUnavailable
+from ebpflb.objects import (
+    DEFAULT_NAMESPACE,
+    SERVICE_NAME_LABEL,
+    Key,
+    Kind,
+    ManifestError,
+    from_manifest,
+    key_of,
+    kind_named,
+    kind_of,
+    load_documents,
+    message_of,
+)
+
+REGISTRY_ENV = "EBPFLB_REGISTRY"
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+# `get endpoints` is kubectl's Endpoints view, built from EndpointSlices.
+ENDPOINTS_WORDS = ("endpoints", "ep")
+GET_KINDS = "services, pods, endpoints, endpointslices, nodes"
+# PyYAML's mark: `in "<unicode string>", line 1, column 5:` (the source line follows).
+_MARK = re.compile(r'in "[^"]*", (line \d+, column \d+):?$')
+
+
+class CliError(Exception):
+    """A user error: main prints `error: <message>` and exits 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its flags and what it does (returns the exit code)."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    address = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS
+    if address.startswith("/"):
+        address = "unix://" + address
+    return RegistryClient(address)
+
+
+def _kind(word: str) -> Kind:
+    try:
+        return kind_named(word)
+    except ManifestError:
+        raise CliError(f'the server doesn\'t have a resource type "{word}"') from None
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    ns: str = args.namespace or DEFAULT_NAMESPACE
+    return ns
+
+
+def _warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def _server_error(e: RegistryError) -> str:
+    """kubectl's line for an error the registry answered with."""
+    if isinstance(e, RegistryUnavailable):
+        return f"error: {e.details}"
+    return f"Error from server ({e.reason}): {e.details}"
+
+
+def _manifest_files(path: str) -> Iterator[Path | None]:
+    """The files -f PATH means (None for stdin): a file, or a folder's manifests in name order."""
+    if path == "-":
+        yield None
+        return
+    p = Path(path)
+    if p.is_dir():
+        yield from sorted(f for f in p.iterdir() if f.is_file() and f.suffix in MANIFEST_SUFFIXES)
+    elif p.exists():
+        yield p
+    else:
+        raise CliError(f'the path "{path}" does not exist')
+
+
+def _read(file: Path | None) -> tuple[str, str]:
+    """(label for messages, text) of a manifest file, or of stdin for None."""
+    if file is None:
+        return "STDIN", sys.stdin.read()
+    try:
+        return str(file), file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{file}: not UTF-8 text") from None
+    except OSError as e:
+        raise CliError(f"{file}: {e.strerror}") from None
+
+
+def read_manifests(
+    paths: Sequence[str], namespace: str | None, *, warn: bool = True
+) -> list[tuple[str, pb.Object]]:
+    """Every object in the -f paths, with the file it came from; unknown-field
+    warnings go to stderr (with warn); any bad document is a CliError."""
+    out: list[tuple[str, pb.Object]] = []
+    for path in paths:
+        for file in _manifest_files(path):
+            label, text = _read(file)
+            try:
+                docs = load_documents(text)
+            except ManifestError as e:
+                raise CliError(f"{label}: {one_line(str(e))}") from None
+            for i, doc in enumerate(docs):
+                warnings: list[str] = []
+                try:
+                    obj = from_manifest(doc, warnings)
+                except ManifestError as e:
+                    where = f"document {i + 1}: " if len(docs) > 1 else ""
+                    raise CliError(f"{label}: {where}{one_line(str(e))}") from None
+                for w in warnings if warn else ():
+                    _warn(w)
+                if namespace:
+                    _set_namespace(obj, namespace)
+                out.append((label, obj))
+    return out
+
+
+def one_line(message: str) -> str:
+    """A parser's multi-line message (PyYAML quotes the source line and marks the
+    column with ^ under it) as one line."""
+    kept: list[str] = []
+    skip_excerpt = False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if skip_excerpt or not line or set(line) == {"^"}:
+            skip_excerpt = False
+            continue
+        if _MARK.search(line):
+            line, skip_excerpt = _MARK.sub(r"at \1", line), line.endswith(":")
+        kept.append(line)
+    return " ".join(kept)
+
+
+def _set_namespace(obj: pb.Object, namespace: str) -> None:
+    if not kind_of(obj).namespaced:
+        return
+    meta = message_of(obj).metadata
+    if not meta.namespace:
+        meta.namespace = namespace
+    elif meta.namespace != namespace:
+        raise CliError(
+            f'the namespace from the provided object "{meta.namespace}" does not match the '
+            f"namespace \"{namespace}\". You must pass '--namespace={meta.namespace}' to "
+            "perform this operation."
+        )
+
+
+def _sorted(objects: Sequence[pb.Object]) -> list[pb.Object]:
+    return sorted(objects, key=key_of)
+
+
+# ------------------------------------------------------------------ apply
+
+
+def _apply_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="a manifest file, a folder (its *.yaml, *.yml, *.json) or - (stdin); repeatable",
+    )
+    p.add_argument("-n", "--namespace", help="namespace for objects that name none")
+    p.add_argument(
+        "--dry-run",
+        nargs="?",
+        const="server",
+        default="none",
+        choices=("none", "server"),
+        help="have the registry validate and allocate, but store nothing",
+    )
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Parse every document first, then apply them all in one atomic call."""
+    objects = [obj for _, obj in read_manifests(args.filename, args.namespace)]
+    if not objects:
+        raise CliError("no objects passed to apply")
+    dry_run = args.dry_run == "server"
+    with _client(args) as client:
+        resp = client.apply(objects, dry_run=dry_run)
+    suffix = " (server dry run)" if dry_run else ""
+    stored = resp.objects if len(resp.objects) == len(objects) else objects
+    for obj, result in zip(stored, resp.results, strict=False):
+        print(f"{printers.object_ref(obj)} {result}{suffix}")
+    return 0
+
+
+# ------------------------------------------------------------------ delete
+
+
+def _delete_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", nargs="?", metavar="KIND", help=f"one of: {GET_KINDS}")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        metavar="FILE",
+        help="delete the objects in this file, folder or - (stdin); repeatable",
+    )
+    p.add_argument("-n", "--namespace", help="the objects' namespace (default: default)")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        metavar="SECONDS",
+        help="Pods: seconds to stay terminating (default: the Pod's own)",
+    )
+    p.add_argument(
+        "--ignore-not-found", action="store_true", help="a missing object is not an error"
+    )
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if args.filename:
+        if args.kind:
+            raise CliError("give either -f or KIND NAME..., not both")
+        targets = [
+            (f'error when deleting "{label}": ', key_of(obj), kind_of(obj))
+            for label, obj in read_manifests(args.filename, args.namespace, warn=False)
+        ]
+    else:
+        if not args.kind or not args.names:
+            raise CliError("give -f FILE or KIND NAME... to delete")
+        kind = _kind(args.kind)
+        ns = _namespace(args) if kind.namespaced else ""
+        targets = [("", Key(kind.name, ns, name), kind) for name in args.names]
+    failed = False
+    with _client(args) as client:
+        for context, key, kind in targets:
+            try:
+                client.delete(key, grace_period_seconds=args.grace_period)
+            except RegistryError as e:
+                if isinstance(e, RegistryUnavailable):
+                    raise
+                if e.not_found and args.ignore_not_found:
+                    continue
+                details = printers.not_found(kind, key.name) if e.not_found else e.details
+                print(f"Error from server ({e.reason}): {context}{details}", file=sys.stderr)
+                failed = True
+                continue
+            print(printers.deleted_line(kind, key.name))
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------ get
+
+
+def _get_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", nargs="?", metavar="KIND", help=f"one of: {GET_KINDS}")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("wide", "yaml", "json", "name"),
+        help="wide: more columns; yaml, json: the objects; name: kind/name",
+    )
+    p.add_argument("-l", "--selector", default="", help="label selector, e.g. app=web,tier!=db")
+    p.add_argument("-n", "--namespace", help="namespace (default: default)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if not args.kind:
+        raise CliError(f"you must specify the type of resource to get: {GET_KINDS}")
+    if args.names and args.all_namespaces:
+        raise CliError("a resource cannot be retrieved by name across all namespaces")
+    if args.names and args.selector:
+        raise CliError("name cannot be provided when a selector is specified")
+    if args.kind.lower() in ENDPOINTS_WORDS:
+        return _get_endpoints(args)
+    kind = _kind(args.kind)
+    ns = "" if args.all_namespaces or not kind.namespaced else _namespace(args)
+    objects: list[pb.Object] = []
+    missing: list[str] = []
+    with _client(args) as client:
+        if args.names:
+            for name in args.names:
+                try:
+                    objects.append(client.get(Key(kind.name, ns, name)))
+                except RegistryError as e:
+                    if not e.not_found:
+                        raise
+                    missing.append(name)
+        else:
+            objects = _sorted(client.list(kind.name, ns, args.selector).items)
+    _print_objects(args, kind, objects)
+    for name in missing:
+        print(f"Error from server (NotFound): {printers.not_found(kind, name)}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _print_objects(args: argparse.Namespace, kind: Kind, objects: list[pb.Object]) -> None:
+    single = len(args.names) == 1
+    if args.output == "yaml":
+        if objects or not single:
+            sys.stdout.write(printers.to_yaml(objects, single=single))
+        return
+    if args.output == "json":
+        if objects or not single:
+            sys.stdout.write(printers.to_json(objects, single=single))
+        return
+    if not objects:
+        if not args.names:
+            _no_resources(args, kind.namespaced)
+        return
+    if args.output == "name":
+        for obj in objects:
+            print(printers.object_ref(obj))
+        return
+    now = datetime.now(UTC)
+    sys.stdout.write(
+        printers.get_table(
+            kind, objects, now, wide=args.output == "wide", with_namespace=args.all_namespaces
+        )
+    )
+
+
+def _no_resources(args: argparse.Namespace, namespaced: bool) -> None:
+    if namespaced and not args.all_namespaces:
+        print(f"No resources found in {_namespace(args)} namespace.", file=sys.stderr)
+    else:
+        print("No resources found", file=sys.stderr)
+
+
+def _get_endpoints(args: argparse.Namespace) -> int:
+    """kubectl's `get endpoints`: one row per Service, from its EndpointSlices."""
+    ns = "" if args.all_namespaces else _namespace(args)
+    missing = []
+    with _client(args) as client:
+        if args.names:
+            found: list[printers.ServiceEndpoints] = []
+            for name in args.names:
+                services = []
+                try:
+                    services.append(client.get(Key("Service", ns, name)).service)
+                except RegistryError as e:
+                    if not e.not_found:
+                        raise
+                selector = f"{SERVICE_NAME_LABEL}={name}"
+                slices = [
+                    o.endpoint_slice for o in client.list("EndpointSlice", ns, selector).items
+                ]
+                rows = printers.service_endpoints(services, slices)
+                found += rows
+                if not rows:
+                    missing.append(name)
+        else:
+            services = [o.service for o in client.list("Service", ns, args.selector).items]
+            slices = [o.endpoint_slice for o in client.list("EndpointSlice", ns).items]
+            # Endpoints carry their Service's labels: with -l, only the selected Services.
+            found = printers.service_endpoints(services, slices, orphans=not args.selector)
+    if args.output in ("yaml", "json"):
+        # There is no Endpoints kind: show the EndpointSlices the rows are made of.
+        objects = _sorted([pb.Object(endpoint_slice=s) for ep in found for s in ep.slices])
+        render = printers.to_yaml if args.output == "yaml" else printers.to_json
+        sys.stdout.write(render(objects, single=False))
+    elif not found:
+        if not args.names:
+            _no_resources(args, True)
+    elif args.output == "name":
+        for ep in found:
+            print(f"endpoints/{ep.name}")
+    else:
+        now = datetime.now(UTC)
+        table = printers.endpoints_table(found, now, with_namespace=args.all_namespaces)
+        sys.stdout.write(table)
+    for name in missing:
+        print(f'Error from server (NotFound): endpoints "{name}" not found', file=sys.stderr)
+    return 1 if missing else 0
+
+
+# ------------------------------------------------------------------ describe
+
+
+def _describe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", metavar="KIND", help="services (the one kind described so far)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="default: every one in the namespace")
+    p.add_argument("-n", "--namespace", help="namespace (default: default)")
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    kind = _kind(args.kind)
+    if kind.name != "Service":
+        raise CliError(f"describe supports services only, not {printers.resource_plural(kind)}")
+    ns = _namespace(args)
+    missing = []
+    texts = []
+    with _client(args) as client:
+        if args.names:
+            services = []
+            for name in args.names:
+                try:
+                    services.append(client.get(Key(kind.name, ns, name)))
+                except RegistryError as e:
+                    if not e.not_found:
+                        raise
+                    missing.append(name)
+        else:
+            services = _sorted(client.list(kind.name, ns).items)
+        for obj in services:
+            svc = obj.service
+            selector = f"{SERVICE_NAME_LABEL}={svc.metadata.name}"
+            slices = [o.endpoint_slice for o in client.list("EndpointSlice", ns, selector).items]
+            texts.append(printers.describe_service(svc, slices))
+    if texts:
+        sys.stdout.write("\n\n".join(texts))
+    elif not args.names:
+        _no_resources(args, True)
+    for name in missing:
+        print(f"Error from server (NotFound): {printers.not_found(kind, name)}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+# ------------------------------------------------------------------ registry
+
+
+def _registry_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--listen", default=DEFAULT_ADDRESS, metavar="ADDR", help="unix:///path or host:port"
+    )
+    p.add_argument(
+        "--store",
+        default="sqlite:///var/lib/ebpflb/registry.db",
+        metavar="URL",
+        help="where objects are kept: sqlite:///path/to/file.db",
+    )
+    p.add_argument(
+        "--service-cidr", default="10.96.0.0/12", metavar="CIDR", help="where ClusterIPs come from"
+    )
+    p.add_argument(
+        "--node-port-range", default="30000-32767", metavar="A-B", help="where nodePorts come from"
+    )
+
+
+def node_port_range(text: str) -> tuple[int, int]:
+    """`30000-32767` as (30000, 32767)."""
+    first, sep, last = text.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        low = high = 0
+    if not sep or not 1 <= low <= high <= 65535:
+        raise CliError(f'--node-port-range: invalid value "{text}": want A-B, 1 <= A <= B <= 65535')
+    return low, high
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    """Run the registry until SIGINT or SIGTERM."""
+    try:
+        ipaddress.ip_network(args.service_cidr)
+    except ValueError as e:
+        raise CliError(f"--service-cidr: {e}") from None
+    node_port_range(args.node_port_range)
+    from ebpflb.registry.server import run
+
+    try:
+        run(
+            listen=args.listen,
+            store_url=args.store,
+            service_cidr=args.service_cidr,
+            node_port_range=args.node_port_range,
+        )
+    except (ValueError, OSError) as e:
+        # A store URL it cannot open, an address it cannot listen on.
+        raise CliError(str(e)) from None
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+COMMANDS: tuple[Command, ...] = (
+    Command("apply", "create or update objects from manifests", _apply_arguments, cmd_apply),
+    Command("delete", "delete objects by file or by kind and name", _delete_arguments, cmd_delete),
+    Command("get", "list objects as a table, YAML, JSON or names", _get_arguments, cmd_get),
+    Command("describe", "show a Service in detail", _describe_arguments, cmd_describe),
+    Command("registry", "run the registry (gRPC server)", _registry_arguments, cmd_registry),
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    registry_help = f"registry address: unix:///path or host:port (env {REGISTRY_ENV}; "
+    registry_help += f"default {DEFAULT_ADDRESS})"
+    # --registry is accepted before or after the subcommand, as kubectl's global flags are.
+    common = _Parser(add_help=False)
+    common.add_argument("--registry", metavar="ADDR", default=argparse.SUPPRESS, help=registry_help)
+    top = _Parser(prog="ebpflb", description="Kubernetes Services with an eBPF datapath.")
+    top.add_argument("--registry", metavar="ADDR", default=None, help=registry_help)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common])
+        c.arguments(p)
+        p.set_defaults(run=c.run)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    top = parser()
+    try:
+        args, extra = top.parse_known_args(argv)
+        if extra:
+            where = f"ebpflb {args.command}" if args.command else "ebpflb"
+            raise CliError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
+        if args.command is None:
+            top.print_help()
+            return 0
+        code: int = args.run(args)
+        sys.stdout.flush()
+        return code
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except RegistryError as e:
+        print(_server_error(e), file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`ebpflb get pods | head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

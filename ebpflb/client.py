@@ -1,0 +1,196 @@
+"""A small typed client of the registry's gRPC API, for the CLI and the node agent."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, cast
+
+import grpc
+
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
+from ebpflb.objects import Key
+
+DEFAULT_ADDRESS = "unix:///run/ebpflb/registry.sock"
+DEFAULT_TIMEOUT = 30.0
+
+# The reason kubectl shows in "Error from server (Reason): ..." for each gRPC status.
+_REASONS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INVALID_ARGUMENT: "Invalid",
+    grpc.StatusCode.ALREADY_EXISTS: "AlreadyExists",
+    grpc.StatusCode.NOT_FOUND: "NotFound",
+    grpc.StatusCode.FAILED_PRECONDITION: "Conflict",
+    grpc.StatusCode.ABORTED: "Conflict",
+    grpc.StatusCode.OUT_OF_RANGE: "Expired",
+    grpc.StatusCode.PERMISSION_DENIED: "Forbidden",
+    grpc.StatusCode.UNAUTHENTICATED: "Unauthorized",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "TooManyRequests",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "Timeout",
+    grpc.StatusCode.UNIMPLEMENTED: "MethodNotAllowed",
+}
+
+# gRPC's "failed to connect to all addresses; last error: UNKNOWN: unix:/x.sock: connect: ..."
+# says the address twice: keep "connect: ...".
+_CONNECT_NOISE = re.compile(r"^failed to connect to all addresses; last error: \w+: \S+: ")
+
+
+class RegistryError(Exception):
+    """An error the registry answered with (or gRPC made up for it)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    @property
+    def reason(self) -> str:
+        """kubectl's word for the error: Invalid, NotFound, AlreadyExists, Conflict..."""
+        return _REASONS.get(self.code, "InternalError")
+
+    @property
+    def not_found(self) -> bool:
+        return self.code == grpc.StatusCode.NOT_FOUND
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached (nothing listens, or it did not answer in time)."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, why: str) -> None:
+        super().__init__(code, f"cannot reach the registry at {address}: {why}")
+        self.address = address
+
+
+class Watch:
+    """A running Watch stream: iterate for events, cancel() from any thread to stop it."""
+
+    def __init__(self, client: RegistryClient, call: Any) -> None:
+        self._client = client
+        self._call = call
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[pb.WatchEvent]:
+        try:
+            yield from self._call
+        except grpc.RpcError as e:
+            if self._cancelled.is_set() and _call(e).code() == grpc.StatusCode.CANCELLED:
+                return
+            raise self._client._error(e) from None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._call.cancel()
+
+
+class RegistryClient:
+    """The registry's five calls with Python types and errors.
+
+    address is a gRPC target: `unix:///path` or `host:port`. Unary calls fail
+    fast when nothing listens and give up after `timeout` seconds; every failure
+    is a RegistryError (RegistryUnavailable when the registry cannot be reached).
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.RegistryStub(self._channel)
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the channel is connected; RegistryUnavailable after timeout seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise RegistryUnavailable(
+                self.address, grpc.StatusCode.UNAVAILABLE, f"not ready after {timeout:g}s"
+            ) from None
+
+    # ---------------------------------------------------------------- calls
+
+    def apply(self, objects: Sequence[pb.Object], *, dry_run: bool = False) -> pb.ApplyResponse:
+        """Store all objects atomically; the response has each stored object and
+        kubectl's word for what happened to it (created / configured / unchanged)."""
+        req = pb.ApplyRequest(objects=list(objects), dry_run=dry_run)
+        resp: pb.ApplyResponse = self._unary(self._stub.Apply, req)
+        return resp
+
+    def delete(self, key: Key, *, grace_period_seconds: int | None = None) -> pb.Object:
+        """Delete one object; returns it as it was (or, for a Pod with a grace
+        period, as it is now: terminating)."""
+        req = pb.DeleteRequest(key=_key(key))
+        if grace_period_seconds is not None:
+            req.grace_period_seconds = grace_period_seconds
+        resp: pb.DeleteResponse = self._unary(self._stub.Delete, req)
+        return resp.object
+
+    def get(self, key: Key) -> pb.Object:
+        obj: pb.Object = self._unary(self._stub.Get, pb.GetRequest(key=_key(key)))
+        return obj
+
+    def list(
+        self, kind: str = "", namespace: str = "", label_selector: str = ""
+    ) -> pb.ListResponse:
+        """Objects of one kind ("" = all) in one namespace ("" = all), with the
+        revision they were read at."""
+        req = pb.ListRequest(kind=kind, namespace=namespace, label_selector=label_selector)
+        resp: pb.ListResponse = self._unary(self._stub.List, req)
+        return resp
+
+    def watch(
+        self,
+        kind: str = "",
+        namespace: str = "",
+        label_selector: str = "",
+        resource_version: str = "",
+    ) -> Watch:
+        """Changes after resource_version ("" = the current state first, then a
+        BOOKMARK, then changes). The stream has no deadline."""
+        req = pb.WatchRequest(
+            kind=kind,
+            namespace=namespace,
+            label_selector=label_selector,
+            resource_version=resource_version,
+        )
+        return Watch(self, self._stub.Watch(req))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> RegistryError:
+        code = _call(e).code()
+        details = _call(e).details() or str(code)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return RegistryUnavailable(self.address, code, _CONNECT_NOISE.sub("", details))
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RegistryUnavailable(self.address, code, f"no answer within {self.timeout:g}s")
+        return RegistryError(code, details)
+
+
+def _call(e: grpc.RpcError) -> grpc.Call:
+    """The RpcError a stub raises is also the failed call, which has code() and details()."""
+    return cast(grpc.Call, e)
+
+
+def _key(key: Key) -> pb.ObjectKey:
+    return pb.ObjectKey(kind=key.kind, namespace=key.namespace, name=key.name)
