@@ -223,12 +223,22 @@ def _is_map(f: FieldDescriptor) -> bool:
     return f.message_type is not None and f.message_type.GetOptions().map_entry
 
 
+_INT64_TYPES = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64)
+
+
 def _flatten_int_or_string(d: Any, desc: Descriptor) -> None:
-    """In a MessageToDict result, write IntOrString fields as bare values (in place)."""
+    """In a MessageToDict result, write IntOrString fields as bare values and 64-bit
+    integers as numbers, not strings, as Kubernetes prints them (in place)."""
     if not isinstance(d, dict):
         return
     for f in desc.fields:
-        if f.message_type is None or _is_map(f) or f.json_name not in d:
+        if f.json_name not in d:
+            continue
+        if f.type in _INT64_TYPES:
+            v64 = d[f.json_name]
+            d[f.json_name] = [int(x) for x in v64] if isinstance(v64, list) else int(v64)
+            continue
+        if f.message_type is None or _is_map(f):
             continue
         v = d[f.json_name]
         if f.message_type.full_name == "ebpflb.v1.IntOrString":

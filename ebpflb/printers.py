@@ -230,13 +230,20 @@ def _pod_row(pod: pb.Pod, now: datetime, wide: bool) -> list[str]:
     return row
 
 
+def node_status(node: pb.Node) -> str:
+    """kubectl's STATUS: Ready, NotReady, or Unknown without a Ready condition."""
+    for c in node.status.conditions:
+        if c.type == "Ready":
+            return {"True": "Ready", "False": "NotReady"}.get(c.status, "Unknown")
+    return "Unknown"
+
+
 def _node_row(node: pb.Node, now: datetime, wide: bool) -> list[str]:
     internal = [a.address for a in node.status.addresses if a.type == "InternalIP"]
     cidrs = list(node.spec.pod_cidrs) or ([node.spec.pod_cidr] if node.spec.pod_cidr else [])
     return [
         node.metadata.name,
-        # kubectl's word for a node without a Ready condition; a Node here has no conditions.
-        "Unknown",
+        node_status(node),
         internal[0] if internal else NONE,
         ",".join(cidrs) or NONE,
         age(node.metadata, now),

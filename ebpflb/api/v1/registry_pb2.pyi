@@ -321,6 +321,70 @@ class ServiceSpec(_message.Message):
 Global___ServiceSpec: _TypeAlias = ServiceSpec  # noqa: Y015
 
 @_typing.final
+class LoadBalancerIngress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    ip: _builtins.str
+    hostname: _builtins.str
+    def __init__(
+        self,
+        *,
+        ip: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "ip", b"ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadBalancerIngress: _TypeAlias = LoadBalancerIngress  # noqa: Y015
+
+@_typing.final
+class LoadBalancerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ingress(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadBalancerIngress]: ...
+    def __init__(
+        self,
+        *,
+        ingress: _abc.Iterable[Global___LoadBalancerIngress] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ingress", b"ingress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadBalancerStatus: _TypeAlias = LoadBalancerStatus  # noqa: Y015
+
+@_typing.final
+class ServiceStatus(_message.Message):
+    """Kept so `kubectl get svc -o yaml` output applies as it is; ebpflb sets nothing here."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_BALANCER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def load_balancer(self) -> Global___LoadBalancerStatus: ...
+    def __init__(
+        self,
+        *,
+        load_balancer: Global___LoadBalancerStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load_balancer", b"load_balancer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_balancer", b"load_balancer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceStatus: _TypeAlias = ServiceStatus  # noqa: Y015
+
+@_typing.final
 class Service(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -328,12 +392,15 @@ class Service(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     api_version: _builtins.str
     kind: _builtins.str
     @_builtins.property
     def metadata(self) -> Global___ObjectMeta: ...
     @_builtins.property
     def spec(self) -> Global___ServiceSpec: ...
+    @_builtins.property
+    def status(self) -> Global___ServiceStatus: ...
     def __init__(
         self,
         *,
@@ -341,10 +408,11 @@ class Service(_message.Message):
         kind: _builtins.str = ...,
         metadata: Global___ObjectMeta | None = ...,
         spec: Global___ServiceSpec | None = ...,
+        status: Global___ServiceStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "kind", b"kind", "metadata", b"metadata", "spec", b"spec", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,20 +677,60 @@ class NodeSpec(_message.Message):
 Global___NodeSpec: _TypeAlias = NodeSpec  # noqa: Y015
 
 @_typing.final
+class NodeCondition(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Ready"""
+    status: _builtins.str
+    """"True" | "False" | "Unknown" """
+    reason: _builtins.str
+    message: _builtins.str
+    @_builtins.property
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        status: _builtins.str = ...,
+        last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "message", b"message", "reason", b"reason", "status", b"status", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCondition: _TypeAlias = NodeCondition  # noqa: Y015
+
+@_typing.final
 class NodeStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADDRESSES_FIELD_NUMBER: _builtins.int
+    CONDITIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def addresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeAddress]: ...
+    @_builtins.property
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCondition]:
+        """Ready is "True" while the node's agent runs (it says so when it registers)."""
+
     def __init__(
         self,
         *,
         addresses: _abc.Iterable[Global___NodeAddress] | None = ...,
+        conditions: _abc.Iterable[Global___NodeCondition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "conditions", b"conditions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
