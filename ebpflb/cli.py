@@ -500,6 +500,57 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ agent and demo
+
+
+def _agent_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", required=True, help="this node's name (its Node object)")
+    p.add_argument("--bridge", default="cni0", help="the pods' bridge (default cni0)")
+    p.add_argument("--node-ip", default="", metavar="IP", help="default: autodetected")
+    p.add_argument("--pod-cidr", default="", metavar="CIDR", help="default: the bridge's subnet")
+    p.add_argument("--pin-dir", default="", metavar="DIR", help="default /sys/fs/bpf/ebpflb/<node>")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="on exit, detach the programs and remove the pinned maps "
+        "(without it the datapath keeps working while the agent is down)",
+    )
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the node agent until SIGINT or SIGTERM."""
+    from ebpflb.agent.agent import AgentConfig, run
+
+    run(
+        AgentConfig(
+            registry=args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS,
+            node=args.node,
+            bridge=args.bridge,
+            pin_dir=args.pin_dir,
+            node_ip=args.node_ip,
+            pod_cidr=args.pod_cidr,
+            cleanup=args.cleanup,
+        )
+    )
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    p.add_argument(
+        "--cleanup", metavar="PREFIX", help="remove a cluster an earlier `demo --keep` left"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a namespace cluster, balance nginx pods behind a ClusterIP, show it."""
+    from ebpflb import demo
+
+    if args.cleanup:
+        return demo.cleanup(args.cleanup)
+    return demo.run(keep=args.keep)
+
+
 # ------------------------------------------------------------------ main
 
 COMMANDS: tuple[Command, ...] = (
@@ -508,6 +559,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("get", "list objects as a table, YAML, JSON or names", _get_arguments, cmd_get),
     Command("describe", "show a Service in detail", _describe_arguments, cmd_describe),
     Command("registry", "run the registry (gRPC server)", _registry_arguments, cmd_registry),
+    Command(
+        "agent", "run the node agent (in the node's network namespace)", _agent_arguments, cmd_agent
+    ),
+    Command("demo", "a namespace cluster with nginx behind a ClusterIP", _demo_arguments, cmd_demo),
 )
 
 
