@@ -1,0 +1,136 @@
+"""The node agent's view of desired state: Services and EndpointSlices -> datapath frontends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ebpflb.datapath.programmer import Backend, Frontend
+
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.objects import SERVICE_NAME_LABEL, Key
+
+DEFAULT_AFFINITY_TIMEOUT = 10800
+
+
+def endpoint_ready(ep: pb.Endpoint) -> bool:
+    """Ready unless conditions.ready is false (Kubernetes: "nil should be interpreted as ready")."""
+    return not ep.conditions.HasField("ready") or ep.conditions.ready
+
+
+def endpoint_serving(ep: pb.Endpoint) -> bool:
+    if ep.conditions.HasField("serving"):
+        return ep.conditions.serving
+    return endpoint_ready(ep)
+
+
+def affinity_timeout(svc: pb.Service) -> int:
+    if svc.spec.session_affinity != "ClientIP":
+        return 0
+    cfg = svc.spec.session_affinity_config.client_ip
+    return cfg.timeout_seconds if cfg.HasField("timeout_seconds") else DEFAULT_AFFINITY_TIMEOUT
+
+
+def service_frontends(
+    svc: pb.Service, slices: Iterable[pb.EndpointSlice], node: str
+) -> list[Frontend]:
+    """One frontend per service port on the ClusterIP; backends are the ready endpoints
+    of that port (name and protocol match). With none ready, the serving terminating
+    ones take over, as kube-proxy does. internalTrafficPolicy=Local keeps this node's."""
+    spec = svc.spec
+    if spec.cluster_ip in ("", "None") or spec.type not in ("", "ClusterIP", "NodePort"):
+        return []
+    slices = list(slices)
+    local_only = spec.internal_traffic_policy == "Local"
+    out = []
+    for port in spec.ports:
+        protocol = port.protocol or "TCP"
+        ready: list[Backend] = []
+        fallback: list[Backend] = []
+        for es in slices:
+            for ep_port in es.ports:
+                if ep_port.name != port.name or (ep_port.protocol or "TCP") != protocol:
+                    continue
+                for ep in es.endpoints:
+                    if not ep.addresses or (local_only and ep.node_name != node):
+                        continue
+                    b = Backend(ep.addresses[0], ep_port.port)
+                    if endpoint_ready(ep):
+                        ready.append(b)
+                    elif endpoint_serving(ep) and ep.conditions.terminating:
+                        fallback.append(b)
+        backends = ready or fallback
+        out.append(
+            Frontend(
+                vip=spec.cluster_ip,
+                port=port.port,
+                protocol=protocol,
+                backends=tuple(sorted(set(backends), key=lambda b: (b.ip, b.port))),
+                affinity_timeout=affinity_timeout(svc),
+            )
+        )
+    return out
+
+
+@dataclass
+class DesiredState:
+    """Services and slices as the registry last said, and the frontends they make.
+    Knows nothing of maps: the Programmer turns frontends into entries."""
+
+    node: str
+    services: dict[Key, pb.Service] = field(default_factory=dict)
+    slices: dict[Key, pb.EndpointSlice] = field(default_factory=dict)
+    _slices_of: dict[Key, set[Key]] = field(default_factory=dict)  # service -> its slices
+    _frontends: dict[Key, list[Frontend]] = field(default_factory=dict)
+    _dirty: set[Key] = field(default_factory=set)
+
+    def _service_of(self, key: Key, es: pb.EndpointSlice) -> Key | None:
+        name = es.metadata.labels.get(SERVICE_NAME_LABEL)
+        return Key("Service", key.namespace, name) if name else None
+
+    def update(self, key: Key, obj: pb.Object | None) -> None:
+        """A Service or EndpointSlice added, modified (obj) or deleted (None)."""
+        if key.kind == "Service":
+            if obj is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = obj.service
+            self._dirty.add(key)
+        elif key.kind == "EndpointSlice":
+            old = self.slices.pop(key, None)
+            if old is not None:
+                svc = self._service_of(key, old)
+                if svc is not None:
+                    self._slices_of.get(svc, set()).discard(key)
+                    self._dirty.add(svc)
+            if obj is not None:
+                self.slices[key] = obj.endpoint_slice
+                svc = self._service_of(key, obj.endpoint_slice)
+                if svc is not None:
+                    self._slices_of.setdefault(svc, set()).add(key)
+                    self._dirty.add(svc)
+
+    def reset(self, kind: str) -> None:
+        """Forget every object of one kind (its watch is relisting)."""
+        if kind == "Service":
+            for key in list(self.services):
+                self.update(key, None)
+        elif kind == "EndpointSlice":
+            for key in list(self.slices):
+                self.update(key, None)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def frontends(self) -> list[Frontend]:
+        """Every frontend, recomputing only the Services changed since the last call."""
+        for key in self._dirty:
+            svc = self.services.get(key)
+            if svc is None:
+                self._frontends.pop(key, None)
+                continue
+            slices = [self.slices[k] for k in sorted(self._slices_of.get(key, set()))]
+            self._frontends[key] = service_frontends(svc, slices, self.node)
+        self._dirty.clear()
+        return [f for key in sorted(self._frontends) for f in self._frontends[key]]

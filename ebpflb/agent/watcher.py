@@ -1,0 +1,105 @@
+"""Keeps a resumable Watch per kind open against the registry and feeds one queue."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.client import RegistryClient, RegistryError, Watch
+from ebpflb.objects import key_of
+
+log = logging.getLogger("ebpflb.agent")
+
+
+@dataclass(frozen=True)
+class Change:
+    """An object added/modified (obj set) or deleted (obj None)."""
+
+    kind: str
+    obj: pb.Object | None
+    key: object  # ebpflb.objects.Key
+
+
+@dataclass(frozen=True)
+class Relist:
+    """The watch of `kind` restarts from scratch: forget what it said before."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class Synced:
+    """Everything `kind` had when the watch (re)started has been delivered."""
+
+    kind: str
+
+
+Message = Change | Relist | Synced
+
+
+class KindWatcher(threading.Thread):
+    """Watches one kind for as long as the agent runs. After a disconnect it resumes
+    from the last revision it saw (nothing is missed or repeated); when the registry
+    no longer has that revision it relists. The datapath is never touched here."""
+
+    def __init__(
+        self, client: RegistryClient, kind: str, out: queue.Queue[Message], stop: threading.Event
+    ) -> None:
+        super().__init__(name=f"watch-{kind}", daemon=True)
+        self.client = client
+        self.kind = kind
+        self.out = out
+        self.stop_event = stop
+        self.revision = ""
+        self._watch: Watch | None = None
+        self.connected = threading.Event()
+
+    def cancel(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def run(self) -> None:
+        backoff = 0.05
+        while not self.stop_event.is_set():
+            try:
+                listing = self.revision == ""
+                if listing:
+                    # The current state comes first as ADDED events, ending in a BOOKMARK.
+                    self.out.put(Relist(self.kind))
+                self._watch = self.client.watch(kind=self.kind, resource_version=self.revision)
+                for ev in self._watch:
+                    backoff = 0.05
+                    self.connected.set()
+                    listing = self._handle(ev, listing)
+                    if self.stop_event.is_set():
+                        return
+            except RegistryError as e:
+                self.connected.clear()
+                if self.stop_event.is_set():
+                    return
+                if e.reason == "Expired":
+                    log.warning("watch %s: %s; relisting", self.kind, e.details)
+                    self.revision = ""
+                    continue
+                log.warning("watch %s: %s; retrying in %.1fs", self.kind, e.details, backoff)
+            self.stop_event.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _handle(self, ev: pb.WatchEvent, listing: bool) -> bool:
+        """Queue one event; returns whether the initial list is still being sent."""
+        if ev.type == pb.WatchEvent.BOOKMARK:
+            self.revision = ev.resource_version
+            if listing:
+                self.out.put(Synced(self.kind))
+            return False
+        obj = ev.object
+        self.out.put(
+            Change(self.kind, None if ev.type == pb.WatchEvent.DELETED else obj, key_of(obj))
+        )
+        if not listing:
+            # Listed objects carry their own (older) revisions: resume only from live ones.
+            self.revision = ev.resource_version
+        return listing
