@@ -1,0 +1,160 @@
+"""The agent's desired state: Services + EndpointSlices -> frontends, without a kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ebpflb.agent.desired import DesiredState, service_frontends
+from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.datapath.programmer import Backend, Frontend
+from ebpflb.objects import from_manifest, key_of
+
+pytestmark = pytest.mark.unit
+
+VIP = "10.96.0.20"
+
+
+def svc(ports: list[dict[str, Any]] | None = None, **spec: Any) -> pb.Object:
+    return from_manifest(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "clusterIP": VIP,
+                "selector": {"app": "web"},
+                "ports": ports or [{"name": "http", "port": 80, "protocol": "TCP"}],
+                **spec,
+            },
+        }
+    )
+
+
+def ep(ip: str, node: str = "n1", **conditions: bool) -> dict[str, Any]:
+    return {"addresses": [ip], "nodeName": node, "conditions": conditions}
+
+
+def es(name: str, endpoints: list[dict[str, Any]], ports: list[tuple[str, str, int]]) -> pb.Object:
+    return from_manifest(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": n, "protocol": p, "port": port} for n, p, port in ports],
+        }
+    )
+
+
+HTTP = [("http", "TCP", 8080)]
+
+
+def frontends(service: pb.Object, *slices: pb.Object, node: str = "n1") -> list[Frontend]:
+    return service_frontends(service.service, [s.endpoint_slice for s in slices], node)
+
+
+def backends(fs: list[Frontend]) -> list[set[tuple[str, int]]]:
+    return [{(b.ip, b.port) for b in f.backends} for f in fs]
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "expected"),
+    [
+        ([ep("10.0.0.1"), ep("10.0.0.2")], {("10.0.0.1", 8080), ("10.0.0.2", 8080)}),
+        ([ep("10.0.0.1", ready=True), ep("10.0.0.2", ready=False)], {("10.0.0.1", 8080)}),
+        # No ready endpoint: the serving, terminating ones take over.
+        (
+            [
+                ep("10.0.0.1", ready=False, serving=True, terminating=True),
+                ep("10.0.0.2", ready=False),
+            ],
+            {("10.0.0.1", 8080)},
+        ),
+        # A ready one exists: terminating ones get no new flows.
+        (
+            [ep("10.0.0.1", ready=False, serving=True, terminating=True), ep("10.0.0.2")],
+            {("10.0.0.2", 8080)},
+        ),
+        ([ep("10.0.0.1", ready=False, serving=False, terminating=True)], set()),
+        ([], set()),
+    ],
+    ids=["ready", "not-ready-skipped", "terminating-fallback", "ready-wins", "not-serving", "none"],
+)
+def test_backends_from_conditions(
+    endpoints: list[dict[str, Any]], expected: set[tuple[str, int]]
+) -> None:
+    assert backends(frontends(svc(), es("web-1", endpoints, HTTP))) == [expected]
+
+
+def test_ports_match_by_name_and_protocol_and_slices_add_up() -> None:
+    service = svc(
+        [
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        ]
+    )
+    a = es("web-a", [ep("10.0.0.1")], [("dns", "UDP", 5353), ("dns-tcp", "TCP", 5353)])
+    b = es("web-b", [ep("10.0.0.2")], [("dns", "UDP", 5354)])  # named port differs per pod
+    fs = frontends(service, a, b)
+    assert [(f.vip, f.port, f.protocol) for f in fs] == [(VIP, 53, "UDP"), (VIP, 53, "TCP")]
+    assert backends(fs) == [{("10.0.0.1", 5353), ("10.0.0.2", 5354)}, {("10.0.0.1", 5353)}]
+
+
+def test_internal_traffic_policy_local_keeps_this_nodes_endpoints() -> None:
+    s = es("web-1", [ep("10.0.0.1", node="n1"), ep("10.0.0.2", node="n2")], HTTP)
+    assert backends(frontends(svc(internalTrafficPolicy="Local"), s, node="n1")) == [
+        {("10.0.0.1", 8080)}
+    ]
+    assert backends(frontends(svc(internalTrafficPolicy="Local"), s, node="n3")) == [set()]
+    assert len(backends(frontends(svc(), s, node="n3"))[0]) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "timeout"),
+    [
+        ({}, 0),
+        ({"sessionAffinity": "ClientIP"}, 10800),
+        (
+            {
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+            },
+            60,
+        ),
+    ],
+)
+def test_affinity_timeout(spec: dict[str, Any], timeout: int) -> None:
+    (f,) = frontends(svc(**spec))
+    assert f.affinity_timeout == timeout
+
+
+@pytest.mark.parametrize("cluster_ip", ["None", ""])
+def test_headless_or_unallocated_services_have_no_frontend(cluster_ip: str) -> None:
+    assert frontends(svc(clusterIP=cluster_ip)) == []
+
+
+def test_desired_state_recomputes_only_what_changed_and_relists() -> None:
+    state = DesiredState("n1")
+    service = svc()
+    slice_ = es("web-1", [ep("10.0.0.1")], HTTP)
+    state.update(key_of(service), service)
+    state.update(key_of(slice_), slice_)
+    assert state.dirty
+    assert state.frontends() == [Frontend(VIP, 80, "TCP", (Backend("10.0.0.1", 8080),))]
+    assert not state.dirty
+    # A slice change marks its service; deleting the slice empties the frontend.
+    state.update(key_of(slice_), None)
+    assert state.dirty
+    assert state.frontends() == [Frontend(VIP, 80, "TCP", ())]
+    # A relist of Services forgets them until they are listed again.
+    state.reset("Service")
+    assert state.frontends() == []
+    state.update(key_of(service), service)
+    assert state.frontends() == [Frontend(VIP, 80, "TCP", ())]
