@@ -1,0 +1,85 @@
+/* Compile-time configuration of the datapath.
+ *
+ * Every size and lifetime is a -D flag with a default here; the loader
+ * (ebpflb/datapath/loader.py) passes the values it was given and checks that
+ * maps adopted from the bpffs were created with the same sizes.
+ */
+#ifndef LB_CONFIG_H
+#define LB_CONFIG_H
+
+/* bpffs directory the maps are pinned under, e.g. "/sys/fs/bpf/ebpflb". */
+#ifndef LB_PIN_DIR
+#error "LB_PIN_DIR must be defined (a quoted bpffs directory)"
+#endif
+
+/* Map capacities (entries). */
+#ifndef LB_MAX_SERVICES
+#define LB_MAX_SERVICES 65536
+#endif
+#ifndef LB_MAX_BACKENDS
+#define LB_MAX_BACKENDS 65536
+#endif
+#ifndef LB_MAX_SERVICE_BACKENDS
+#define LB_MAX_SERVICE_BACKENDS 262144
+#endif
+#ifndef LB_MAX_CONNTRACK
+#define LB_MAX_CONNTRACK 262144
+#endif
+#ifndef LB_MAX_AFFINITY
+#define LB_MAX_AFFINITY 65536
+#endif
+
+/* Connection lifetimes in seconds, like the kernel's conntrack (and Cilium's). */
+#ifndef LB_CT_LIFETIME_TCP
+#define LB_CT_LIFETIME_TCP 21600 /* established: 6 h */
+#endif
+#ifndef LB_CT_LIFETIME_SYN
+#define LB_CT_LIFETIME_SYN 60 /* SYN sent, handshake not finished */
+#endif
+#ifndef LB_CT_LIFETIME_CLOSE
+#define LB_CT_LIFETIME_CLOSE 10 /* FIN or RST seen */
+#endif
+#ifndef LB_CT_LIFETIME_UDP
+#define LB_CT_LIFETIME_UDP 30 /* idle UDP flow */
+#endif
+
+/* An entry's timestamp is rewritten at most this often (ns) unless its state
+ * changes: fewer map writes and cache-line bounces, at most this much slack
+ * on every lifetime. */
+#ifndef LB_CT_REFRESH_NS
+#define LB_CT_REFRESH_NS 1000000000ULL
+#endif
+
+/* Hairpin source address, host byte order (the loader converts the dotted
+ * form): 169.254.42.1, link-local, never a pod's address. */
+#ifndef LB_HAIRPIN_ADDR
+#define LB_HAIRPIN_ADDR 0xa9fe2a01
+#endif
+
+/* Seed of the flow hash that picks a backend slot. */
+#ifndef LB_HASH_SEED
+#define LB_HASH_SEED 0x5eed1b5
+#endif
+
+_Static_assert(LB_MAX_SERVICES > 0 && LB_MAX_BACKENDS > 0, "map sizes must be positive");
+_Static_assert(LB_MAX_SERVICE_BACKENDS >= LB_MAX_BACKENDS, "every backend needs a slot");
+_Static_assert(LB_MAX_CONNTRACK >= 2, "a flow takes two conntrack entries");
+_Static_assert(LB_MAX_AFFINITY > 0, "map sizes must be positive");
+_Static_assert(LB_CT_LIFETIME_CLOSE > 0 && LB_CT_LIFETIME_SYN > 0 && LB_CT_LIFETIME_TCP > 0 &&
+		       LB_CT_LIFETIME_UDP > 0,
+	       "lifetimes must be positive");
+
+#define LB_NSEC_PER_SEC 1000000000ULL
+
+/* Byte order for constants (BPF here is little-endian, as is the host). */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "only little-endian targets are supported"
+#endif
+#define lb_htons(x) ((__be16)__builtin_bswap16((__u16)(x)))
+#define lb_ntohs(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define lb_htonl(x) ((__be32)__builtin_bswap32((__u32)(x)))
+#define lb_ntohl(x) ((__u32)__builtin_bswap32((__u32)(x)))
+
+#define LB_HAIRPIN_IP lb_htonl(LB_HAIRPIN_ADDR)
+
+#endif /* LB_CONFIG_H */

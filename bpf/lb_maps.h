@@ -1,0 +1,60 @@
+/* Map definitions, all pinned under LB_PIN_DIR.
+ *
+ * A map already pinned there is adopted as it is (bcc opens the pin), so a
+ * restarted agent keeps every flow; the loader checks the adopted map's type
+ * and sizes against these definitions first. While no agent runs, the
+ * attached program keeps using the pinned maps.
+ */
+#ifndef LB_MAPS_H
+#define LB_MAPS_H
+
+#include "lb_config.h"
+#include "lb_structs.h"
+
+/* Frontends (VIP, port, proto) -> service id, backend count, affinity.
+ * Written by the agent only. Full: the agent cannot add a Service (its sync
+ * fails); existing ones keep working. */
+BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_value, services, LB_MAX_SERVICES,
+		 LB_PIN_DIR "/services");
+
+/* Backends: backend id -> (address, port, proto). One entry per distinct
+ * endpoint, shared by every service that uses it. Full: new backends cannot
+ * be added. A flow whose backend id is gone is moved to a live backend. */
+BPF_TABLE_PINNED("hash", __u32, struct lb_backend_value, backends, LB_MAX_BACKENDS,
+		 LB_PIN_DIR "/backends");
+
+/* (service id, slot) -> backend id: the selection table. Slots 0..count-1 are
+ * live; a new flow takes slot hash % count. Full: backends cannot be added to
+ * services. */
+BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, service_backends, LB_MAX_SERVICE_BACKENDS,
+		 LB_PIN_DIR "/service_backends");
+
+/* (service id, backend id) -> slot: membership, checked on every packet of a
+ * known flow so that a backend removed from one service (while still in
+ * another) loses that service's flows. Same size as service_backends. */
+BPF_TABLE_PINNED("hash", struct lb_member_key, __u32, service_members, LB_MAX_SERVICE_BACKENDS,
+		 LB_PIN_DIR "/service_members");
+
+/* Connections: two entries per flow. Forward (client -> VIP tuple) holds the
+ * backend; reverse (backend -> client tuple, or backend -> hairpin address)
+ * holds the VIP to write back. Written by the datapath, expired entries are
+ * deleted by the agent's garbage collector. Full: LRU evicts the least
+ * recently used entry; a flow that lost its forward entry is re-balanced by
+ * the same hash (same backend if the backend set did not change) and a lost
+ * reverse entry is recreated by the next refresh of its forward entry. */
+BPF_TABLE_PINNED("lru_hash", struct lb_ct_key, struct lb_ct_value, conntrack, LB_MAX_CONNTRACK,
+		 LB_PIN_DIR "/conntrack");
+
+/* sessionAffinity ClientIP: (service id, client address) -> backend and last
+ * use. Full: LRU evicts the least recently used client, whose next new
+ * connection may land on another backend. */
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, affinity,
+		 LB_MAX_AFFINITY, LB_PIN_DIR "/affinity");
+
+/* Per-CPU counters, one entry; userspace sums the CPUs. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, counters, 1, LB_PIN_DIR "/counters");
+
+/* Id allocator state for the agent (see struct lb_id_state); one entry. */
+BPF_TABLE_PINNED("array", __u32, struct lb_id_state, id_state, 1, LB_PIN_DIR "/id_state");
+
+#endif /* LB_MAPS_H */

@@ -1,0 +1,121 @@
+/* Key and value types of the maps, shared with userspace.
+ *
+ * Mirrored once in Python (ebpflb/datapath/structs.py); tests/datapath/
+ * test_layout.py compares sizes and offsets with what bcc compiles from here.
+ * Wire-order fields are __be32/__be16; every struct is padded explicitly so
+ * that no compiler padding (garbage in hash keys) exists.
+ */
+#ifndef LB_STRUCTS_H
+#define LB_STRUCTS_H
+
+/* services: frontend -> service. */
+struct lb_svc_key {
+	__be32 vip;  /* frontend address (the ClusterIP) */
+	__be16 port; /* frontend port */
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;    /* always 0: part of the hash key */
+};
+
+#define LB_SVC_F_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+
+struct lb_svc_value {
+	__u32 svc_id;		/* stable id: keys service_backends, service_members, affinity */
+	__u16 count;		/* active slots 0..count-1 in service_backends; 0 = refuse clients */
+	__u8 flags;		/* LB_SVC_F_* */
+	__u8 pad;		/* always 0 */
+	__u32 affinity_timeout; /* seconds an idle ClientIP affinity lasts (LB_SVC_F_AFFINITY) */
+};
+
+/* backends: backend_id -> address. */
+struct lb_backend_value {
+	__be32 addr; /* backend (pod) address */
+	__be16 port; /* backend (target) port */
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 flags;  /* reserved (terminating, node-local...): 0 */
+};
+
+/* service_backends: (service, slot) -> backend_id. */
+struct lb_slot_key {
+	__u32 svc_id; /* service */
+	__u32 slot;   /* 0..count-1 */
+};
+
+/* service_members: (service, backend) -> slot; says "backend is in service". */
+struct lb_member_key {
+	__u32 svc_id;	  /* service */
+	__u32 backend_id; /* backend */
+};
+
+/* service_members' value is a __u32: the backend's slot (for dumps only). */
+
+#define LB_CT_FORWARD 0 /* client -> VIP, as sent by the client */
+#define LB_CT_REVERSE 1 /* backend -> client (or -> hairpin address), as sent by the backend */
+
+/* conntrack: a packet's 5-tuple as seen at tc ingress, plus direction. */
+struct lb_ct_key {
+	__be32 saddr; /* source address */
+	__be32 daddr; /* destination address */
+	__be16 sport; /* source port */
+	__be16 dport; /* destination port */
+	__u8 proto;   /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 dir;     /* LB_CT_FORWARD or LB_CT_REVERSE */
+	__u16 pad;    /* always 0 */
+};
+
+#define LB_CT_F_HAIRPIN 0x1	/* backend == client: source NATed to the hairpin address */
+#define LB_CT_F_ESTABLISHED 0x2 /* TCP: the client sent a packet without SYN */
+#define LB_CT_F_CLOSING 0x4	/* TCP: FIN or RST seen in either direction */
+
+struct lb_ct_value {
+	__u64 last_seen;   /* lb_now() (CLOCK_MONOTONIC_COARSE, ns) of the last refresh */
+	__u32 lifetime;	   /* seconds the entry stays valid after last_seen (from its state) */
+	__u32 svc_id;	   /* service that balanced the flow; another id in services = stale */
+	__u32 backend_id;  /* backend the flow is pinned to */
+	__be32 addr;	   /* forward: backend address (new daddr); reverse: VIP (new saddr) */
+	__be32 client;	   /* reverse of a hairpin flow: client address (new daddr); else 0 */
+	__be16 port;	   /* forward: backend port (new dport); reverse: VIP port (new sport) */
+	__u8 flags;	   /* LB_CT_F_* */
+	__u8 pad;	   /* always 0 */
+};
+
+/* affinity: (service, client) -> backend, for sessionAffinity ClientIP. */
+struct lb_affinity_key {
+	__u32 svc_id;  /* service */
+	__be32 client; /* client (source) address */
+};
+
+struct lb_affinity_value {
+	__u64 last_used;  /* lb_now() (CLOCK_MONOTONIC_COARSE, ns) of the client's last use */
+	__u32 backend_id; /* backend the client sticks to */
+	__u32 pad;	  /* always 0 */
+};
+
+/* counters: per-CPU packet counts, one named field per outcome. from_pod and
+ * to_pod share them: a packet crossing both hooks counts twice. */
+struct lb_counters {
+	__u64 packets;	     /* every packet the program ran on */
+	__u64 passed;	     /* IPv4 TCP/UDP for no frontend and no reply entry: untouched */
+	__u64 other;	     /* not IPv4 TCP/UDP (ARP, IPv6, ICMP...): untouched */
+	__u64 fragments;     /* IPv4 fragments: untouched (no L4 header in later ones) */
+	__u64 malformed;     /* truncated or malformed headers: untouched */
+	__u64 dnat;	     /* client -> VIP packets rewritten to a backend */
+	__u64 rev_nat;	     /* backend -> client replies rewritten back to the VIP */
+	__u64 hairpin;	     /* packets of flows whose backend is the client (subset of both) */
+	__u64 ct_hits;	     /* client -> VIP packets of a known flow */
+	__u64 ct_misses;     /* client -> VIP packets that started a flow (incl. expired) */
+	__u64 ct_expired;    /* of the misses: an entry existed but had expired */
+	__u64 reselects;     /* flows whose backend left the service, moved to a live one */
+	__u64 affinity_hits; /* new flows sent to the client's affinity backend */
+	__u64 no_backend;    /* packets to a frontend without backends: refused or dropped */
+	__u64 errors;	     /* helper or map failures: packet dropped (or NAT not remembered) */
+};
+
+/* id_state: control-plane only (the program never reads it). Pinned with the
+ * other maps so that a restarted agent never reuses an id that a conntrack
+ * entry may still name. */
+struct lb_id_state {
+	__u32 next_svc_id;     /* next service id to hand out (ids start at 1) */
+	__u32 next_backend_id; /* next backend id to hand out (ids start at 1) */
+};
+
+#endif /* LB_STRUCTS_H */

@@ -1,0 +1,139 @@
+/* Packet parsing: Ethernet + IPv4 + TCP/UDP headers into a struct lb_pkt.
+ *
+ * Reads only, with direct packet access; everything after parsing changes the
+ * packet through helpers (which invalidate packet pointers, so nothing here
+ * keeps a pointer for later).
+ */
+#ifndef LB_PARSE_H
+#define LB_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+
+#include "lb_config.h"
+
+#define LB_L3_OFF ETH_HLEN /* veths carry no VLAN tags */
+
+#define LB_IP_MF 0x2000	    /* more fragments */
+#define LB_IP_OFFSET 0x1fff /* fragment offset (8-byte units) */
+
+#define LB_TCP_FIN 0x01
+#define LB_TCP_SYN 0x02
+#define LB_TCP_RST 0x04
+#define LB_TCP_ACK 0x10
+
+enum lb_parse_result {
+	LB_PARSE_OK,	    /* IPv4 TCP/UDP, unfragmented, headers complete */
+	LB_PARSE_OTHER,	    /* not IPv4, or not TCP/UDP */
+	LB_PARSE_FRAGMENT,  /* an IPv4 fragment */
+	LB_PARSE_MALFORMED, /* truncated or inconsistent headers */
+};
+
+/* What the datapath needs from a packet, addresses and ports in wire order. */
+struct lb_pkt {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;	 /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 tcp_flags;	 /* TCP: flags byte (FIN, SYN, RST, PSH, ACK...); UDP: 0 */
+	__u16 l4_off;	 /* offset of the TCP/UDP header: Ethernet + IHL * 4 */
+	__u16 l4_hlen;	 /* TCP: data offset * 4; UDP: 8 */
+	__u32 l4_len;	 /* IP total length minus the IP header: L4 header + payload */
+};
+
+static __always_inline int lb_tcp_has(const struct lb_pkt *p, __u8 flag)
+{
+	return p->proto == IPPROTO_TCP && (p->tcp_flags & flag);
+}
+
+/* A new connection's first packet: SYN without ACK. */
+static __always_inline int lb_tcp_is_syn(const struct lb_pkt *p)
+{
+	return p->proto == IPPROTO_TCP && (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+}
+
+/* Make sure the headers we read are in the linear part of the skb (they
+ * nearly always are; pulling changes no byte of the packet). */
+static __always_inline void lb_pull_headers(struct __sk_buff *skb)
+{
+	__u32 want = LB_L3_OFF + 60 + sizeof(struct tcphdr); /* the largest IP header + TCP */
+	if (want > skb->len)
+		want = skb->len;
+	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
+}
+
+/* Parse an Ethernet frame. Fragments are passed on unchanged because only the
+ * first one carries the ports: translating it alone would split the datagram
+ * between two destinations, and later fragments cannot be matched to a flow
+ * without reassembly. A fragmented datagram to a VIP is therefore not load
+ * balanced (it goes on to the VIP and is lost). */
+static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_pkt *p)
+{
+	lb_pull_headers(skb);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return LB_PARSE_MALFORMED;
+	if (eth->h_proto != lb_htons(ETH_P_IP))
+		return LB_PARSE_OTHER;
+
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return LB_PARSE_MALFORMED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return LB_PARSE_MALFORMED;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return LB_PARSE_OTHER;
+
+	__u32 ihl = ip->ihl * 4;
+	__u32 tot = lb_ntohs(ip->tot_len);
+	/* BIG TCP: a GSO packet over 64 KB carries tot_len 0; its length is the skb's. */
+	if (tot == 0 && skb->gso_size)
+		tot = skb->len - LB_L3_OFF;
+	/* Compare with skb->len, not data_end: a GSO skb's payload is in pages. */
+	if (tot < ihl || LB_L3_OFF + tot > skb->len)
+		return LB_PARSE_MALFORMED;
+	if (ip->frag_off & lb_htons(LB_IP_MF | LB_IP_OFFSET))
+		return LB_PARSE_FRAGMENT;
+
+	void *l4 = (void *)ip + ihl;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->proto = ip->protocol;
+	p->l4_off = LB_L3_OFF + ihl;
+	p->l4_len = tot - ihl;
+
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+		if ((void *)(th + 1) > data_end)
+			return LB_PARSE_MALFORMED;
+		__u32 doff = th->doff * 4;
+		if (doff < sizeof(struct tcphdr) || doff > p->l4_len)
+			return LB_PARSE_MALFORMED;
+		p->sport = th->source;
+		p->dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->l4_hlen = doff;
+	} else {
+		struct udphdr *uh = l4;
+		if ((void *)(uh + 1) > data_end)
+			return LB_PARSE_MALFORMED;
+		if (sizeof(struct udphdr) > p->l4_len)
+			return LB_PARSE_MALFORMED;
+		p->sport = uh->source;
+		p->dport = uh->dest;
+		p->tcp_flags = 0;
+		p->l4_hlen = sizeof(struct udphdr);
+	}
+	return LB_PARSE_OK;
+}
+
+#endif /* LB_PARSE_H */

@@ -1,0 +1,142 @@
+"""Thin ctypes bindings to the few libbpf.so.1 calls the datapath needs (maps, pins, test runs)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from ctypes import POINTER, c_char_p, c_int, c_uint32, c_uint64, c_void_p
+from functools import cache
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+
+BPF_OBJ_NAME_LEN = 16
+
+
+class MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (linux/bpf.h); the kernel fills what fits."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    map_flags: int
+    name: bytes
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("key_size", c_uint32),
+        ("value_size", c_uint32),
+        ("max_entries", c_uint32),
+        ("map_flags", c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts of libbpf 1.x (bpf/bpf.h)."""
+
+    sz: int
+    data_in: int | None
+    data_out: int | None
+    data_size_in: int
+    data_size_out: int
+    ctx_in: int | None
+    ctx_out: int | None
+    ctx_size_in: int
+    ctx_size_out: int
+    retval: int
+    repeat: int
+    duration: int
+    flags: int
+    cpu: int
+    batch_size: int
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
+class BpfError(OSError):
+    """A libbpf call failed; errno says why."""
+
+
+@cache
+def lib() -> ctypes.CDLL:
+    """libbpf.so.1, with the signatures used here declared."""
+    so = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    for name, args in {
+        "bpf_map_update_elem": [c_int, c_void_p, c_void_p, c_uint64],
+        "bpf_map_lookup_elem": [c_int, c_void_p, c_void_p],
+        "bpf_map_delete_elem": [c_int, c_void_p],
+        "bpf_map_get_next_key": [c_int, c_void_p, c_void_p],
+        "bpf_obj_get": [c_char_p],
+        "bpf_obj_pin": [c_int, c_char_p],
+        "bpf_obj_get_info_by_fd": [c_int, c_void_p, POINTER(c_uint32)],
+        "bpf_prog_test_run_opts": [c_int, POINTER(TestRunOpts)],
+        "bpf_map_lookup_batch": [
+            c_int,
+            c_void_p,
+            c_void_p,
+            c_void_p,
+            c_void_p,
+            POINTER(c_uint32),
+            c_void_p,
+        ],
+    }.items():
+        fn = getattr(so, name)
+        fn.argtypes = args
+        fn.restype = c_int
+    return so
+
+
+def check(ret: int, what: str) -> int:
+    """Raise BpfError for a libbpf 1.x failure (a negative errno), else return ret."""
+    if ret < 0:
+        code = -ret
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return ret
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; returns a new fd."""
+    return check(lib().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get {path}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = c_uint32(ctypes.sizeof(info))
+    check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+@cache
+def possible_cpus() -> int:
+    """Number of possible CPUs: the number of slots in a per-CPU map value."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count

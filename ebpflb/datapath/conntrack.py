@@ -1,0 +1,128 @@
+"""Conntrack and affinity garbage collection, and a readable listing of conntrack entries."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ebpflb.datapath.maps import LbMaps
+from ebpflb.datapath.structs import (
+    CT_F_CLOSING,
+    CT_F_ESTABLISHED,
+    CT_F_HAIRPIN,
+    CT_REVERSE,
+    PROTOCOL_NAMES,
+    SVC_F_AFFINITY,
+    AffinityKey,
+    CtKey,
+    CtValue,
+    be16_to_port,
+    be32_to_ip,
+)
+
+NSEC_PER_SEC = 1_000_000_000
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; the time module does not export it
+
+
+def now_ns() -> int:
+    """The datapath's clock (lb_now() in bpf/conntrack.h): CLOCK_MONOTONIC_COARSE."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+
+
+def ct_expired(value: CtValue, now: int) -> bool:
+    """Same rule as ct_expired() in bpf/conntrack.h."""
+    return max(now - value.last_seen, 0) > value.lifetime * NSEC_PER_SEC
+
+
+@dataclass(frozen=True)
+class GcStats:
+    """What one collect() looked at and removed."""
+
+    conntrack_scanned: int = 0
+    conntrack_deleted: int = 0
+    affinity_scanned: int = 0
+    affinity_deleted: int = 0
+
+
+def collect(maps: LbMaps, now: int | None = None) -> GcStats:
+    """Delete expired conntrack entries, and affinity entries that are idle past their
+    service's timeout or whose service is gone or no longer has affinity.
+
+    An entry is read again just before it is deleted, so one the datapath refreshed
+    meanwhile survives (the window left is a few microseconds; losing an entry
+    then only rebalances the flow by the same hash).
+    """
+    t = now_ns() if now is None else now
+    rows = maps.conntrack.rows()
+    ct_deleted = 0
+    for key_row, (last_seen, lifetime, *_) in rows:
+        if max(t - last_seen, 0) > lifetime * NSEC_PER_SEC:
+            key = CtKey(*key_row)
+            again = maps.conntrack.lookup(key)
+            if again is not None and ct_expired(again, t) and maps.conntrack.delete(key):
+                ct_deleted += 1
+
+    timeouts = {
+        svc_id: timeout
+        for _, (svc_id, _, flags, _, timeout) in maps.services.rows()
+        if flags & SVC_F_AFFINITY
+    }
+    aff_rows = maps.affinity.rows()
+    aff_deleted = 0
+    for (svc_id, client), (last_used, *_) in aff_rows:
+        timeout = timeouts.get(svc_id)
+        idle = timeout is None or max(t - last_used, 0) > timeout * NSEC_PER_SEC
+        if idle and maps.affinity.delete(AffinityKey(svc_id, client)):
+            aff_deleted += 1
+    return GcStats(len(rows), ct_deleted, len(aff_rows), aff_deleted)
+
+
+@dataclass(frozen=True)
+class CtEntry:
+    """One conntrack entry in readable form."""
+
+    direction: str  # "forward" (client -> VIP) or "reverse" (backend -> client)
+    protocol: str
+    src: str  # "ip:port" as the key has it
+    dst: str
+    nat: str  # forward: backend ip:port; reverse: VIP ip:port
+    svc_id: int
+    backend_id: int
+    state: str  # "syn", "established", "closing", "udp"; "+hairpin"
+    age_s: float
+    lifetime_s: int
+    expired: bool
+
+
+def entries(maps: LbMaps, now: int | None = None) -> list[CtEntry]:
+    """Every conntrack entry, for dumps and debugging."""
+    t = now_ns() if now is None else now
+    out = []
+    for k, v in maps.conntrack.items():
+        proto = PROTOCOL_NAMES.get(k.proto, str(k.proto))
+        if proto != "TCP":
+            state = "udp"
+        elif v.flags & CT_F_CLOSING:
+            state = "closing"
+        elif v.flags & CT_F_ESTABLISHED:
+            state = "established"
+        else:
+            state = "syn"
+        if v.flags & CT_F_HAIRPIN:
+            state += "+hairpin"
+        out.append(
+            CtEntry(
+                direction="reverse" if k.dir == CT_REVERSE else "forward",
+                protocol=proto,
+                src=f"{be32_to_ip(k.saddr)}:{be16_to_port(k.sport)}",
+                dst=f"{be32_to_ip(k.daddr)}:{be16_to_port(k.dport)}",
+                nat=f"{be32_to_ip(v.addr)}:{be16_to_port(v.port)}",
+                svc_id=v.svc_id,
+                backend_id=v.backend_id,
+                state=state,
+                age_s=max(t - v.last_seen, 0) / NSEC_PER_SEC,
+                lifetime_s=v.lifetime,
+                expired=ct_expired(v, t),
+            )
+        )
+    return out

@@ -1,0 +1,384 @@
+"""Writes the desired frontends into the datapath's maps by mark-and-sweep, with stable ids."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from socket import ntohs
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ebpflb.datapath.maps import LbMaps, MapLike
+from ebpflb.datapath.structs import (
+    PROTOCOL_NAMES,
+    PROTOCOLS,
+    SVC_F_AFFINITY,
+    U32,
+    BackendValue,
+    IdState,
+    MemberKey,
+    SlotKey,
+    SvcKey,
+    SvcValue,
+    be32_to_ip,
+    ip_to_be32,
+    port_to_be16,
+)
+
+if TYPE_CHECKING:
+    from ebpflb.datapath.loader import Datapath
+
+log = logging.getLogger(__name__)
+
+MAX_ID = 2**32 - 1
+MAX_BACKENDS_PER_FRONTEND = 2**16 - 1  # lb_svc_value.count is a __u16
+
+
+def _ipv4(ip: str, what: str) -> None:
+    try:
+        ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise ValueError(f"{what} {ip!r} is not an IPv4 address") from None
+
+
+def _port(port: int, what: str) -> None:
+    if not 0 < port < 65536:
+        raise ValueError(f"{what} {port} is not a port (1-65535)")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One endpoint behind a frontend: pod IP and target port.
+
+    Per-endpoint flags (terminating, node-local) would go here; the map value
+    (struct lb_backend_value) has a flags byte for them.
+    """
+
+    ip: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _ipv4(self.ip, "backend address")
+        _port(self.port, "backend port")
+
+    def sort_key(self) -> tuple[int, int]:
+        return int(ipaddress.IPv4Address(self.ip)), self.port
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """A VIP:port/protocol and its backends. Backends are kept sorted and without duplicates
+    (their order means nothing: slots are assigned by the Programmer)."""
+
+    vip: str
+    port: int
+    protocol: str  # "TCP" or "UDP"
+    backends: tuple[Backend, ...] = ()
+    affinity_timeout: int = 0  # sessionAffinity ClientIP timeout in seconds; 0 = no affinity
+
+    def __post_init__(self) -> None:
+        _ipv4(self.vip, "frontend address")
+        _port(self.port, "frontend port")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {sorted(PROTOCOLS)}")
+        if not 0 <= self.affinity_timeout <= MAX_ID:
+            raise ValueError(f"affinity_timeout {self.affinity_timeout} out of range")
+        unique = tuple(sorted(set(self.backends), key=Backend.sort_key))
+        if len(unique) > MAX_BACKENDS_PER_FRONTEND:
+            raise ValueError(f"{len(unique)} backends, at most {MAX_BACKENDS_PER_FRONTEND}")
+        object.__setattr__(self, "backends", unique)
+
+    def sort_key(self) -> tuple[int, int, str]:
+        return int(ipaddress.IPv4Address(self.vip)), self.port, self.protocol
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """Map entries one sync() wrote (created or changed) and deleted."""
+
+    backends_written: int = 0
+    members_written: int = 0
+    slots_written: int = 0
+    services_written: int = 0
+    services_deleted: int = 0
+    slots_deleted: int = 0
+    members_deleted: int = 0
+    backends_deleted: int = 0
+
+    @property
+    def written(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self) if f.name.endswith("_written"))
+
+    @property
+    def deleted(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self) if f.name.endswith("_deleted"))
+
+
+# The Programmer's image of the maps, in plain tuples (ports in host order,
+# addresses as lb_structs.h stores them):
+SvcK = tuple[int, int, int]  # (vip, port, proto)
+SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
+Endpoint = tuple[int, int, int]  # (addr, port, proto)
+BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
+Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass
+class _State:
+    services: dict[SvcK, SvcV]
+    backends: dict[int, BeV]
+    slots: dict[Pair, int]  # (svc_id, slot) -> backend_id
+    members: dict[Pair, int]  # (svc_id, backend_id) -> slot
+
+
+def assign_slots(old: list[int | None], wanted: list[int]) -> list[int]:
+    """Slots for wanted backend ids: those already in a slot below len(wanted) stay there, the
+    others fill the holes in order. Keeps the hash -> backend mapping of new flows stable."""
+    n = len(wanted)
+    want = set(wanted)
+    result: list[int | None] = [None] * n
+    placed: set[int] = set()
+    for slot in range(min(n, len(old))):
+        bid = old[slot]
+        if bid is not None and bid in want and bid not in placed:
+            result[slot] = bid
+            placed.add(bid)
+    rest = iter(b for b in wanted if b not in placed)
+    return [b if b is not None else next(rest) for b in result]
+
+
+class Programmer:
+    """Keeps the datapath maps equal to a desired list of frontends.
+
+    Adopts what the maps hold (ids included) when created, so a restarted
+    agent continues where the previous one stopped. Writes only entries whose
+    value differs, deletes what is no longer wanted, in an order that keeps
+    every intermediate state consistent for the datapath:
+    backends -> service_members -> service_backends -> services (a grown
+    service's slots exist before its count says so; a shrunk service's count
+    drops before its slots go), then deletions: services -> slots -> members
+    -> backends. Ids are handed out monotonically and the next ones are kept
+    in the pinned id_state map, so an id a conntrack entry may still name is
+    never given to something else.
+    """
+
+    def __init__(self, datapath: Datapath | LbMaps) -> None:
+        self._maps = datapath if isinstance(datapath, LbMaps) else datapath.maps
+        self._load()
+
+    # -- reading the maps -------------------------------------------------
+
+    def _load(self) -> None:
+        m = self._maps
+        # Rows are the structs' fields in order (see bpf/lb_structs.h).
+        self._state = _State(
+            services={
+                (vip, ntohs(port), proto): (svc_id, count, flags, timeout)
+                for (vip, port, proto, _), (svc_id, count, flags, _, timeout) in m.services.rows()
+            },
+            backends={
+                bid: (addr, ntohs(port), proto, flags)
+                for (bid,), (addr, port, proto, flags) in m.backends.rows()
+            },
+            slots={key: bid for key, (bid,) in m.service_backends.rows()},  # type: ignore[misc]
+            members={key: slot for key, (slot,) in m.service_members.rows()},  # type: ignore[misc]
+        )
+        self._reindex()
+        s = self._state
+        ids = m.id_state.lookup(U32(0)) or IdState()
+        seen_svc = [v[0] for v in s.services.values()] + [p[0] for p in (*s.slots, *s.members)]
+        seen_be = list(s.backends) + list(s.slots.values()) + [p[1] for p in s.members]
+        self._next_svc = max([ids.next_svc_id, 1, *(i + 1 for i in seen_svc)])
+        self._next_backend = max([ids.next_backend_id, 1, *(i + 1 for i in seen_be)])
+        self._saved_ids = (ids.next_svc_id, ids.next_backend_id)
+        self._dirty = False
+
+    def _reindex(self) -> None:
+        self._svc_ids = {k: v[0] for k, v in self._state.services.items()}
+        self._backend_ids: dict[Endpoint, int] = {}
+        for bid in sorted(self._state.backends):
+            addr, port, proto, _ = self._state.backends[bid]
+            self._backend_ids.setdefault((addr, port, proto), bid)
+
+    def reload(self) -> None:
+        """Forget the image and read the maps again (after a failure, or to repair drift)."""
+        self._load()
+
+    # -- ids --------------------------------------------------------------
+
+    def _alloc_svc(self) -> int:
+        if self._next_svc > MAX_ID:
+            raise RuntimeError("service ids exhausted")
+        self._next_svc += 1
+        return self._next_svc - 1
+
+    def _alloc_backend(self) -> int:
+        if self._next_backend > MAX_ID:
+            raise RuntimeError("backend ids exhausted")
+        self._next_backend += 1
+        return self._next_backend - 1
+
+    def service_id(self, vip: str, port: int, protocol: str) -> int | None:
+        return self._svc_ids.get((ip_to_be32(vip), port, PROTOCOLS[protocol]))
+
+    def backend_id(self, ip: str, port: int, protocol: str) -> int | None:
+        return self._backend_ids.get((ip_to_be32(ip), port, PROTOCOLS[protocol]))
+
+    # -- writing ----------------------------------------------------------
+
+    def sync(self, frontends: Iterable[Frontend], full: bool = False) -> SyncStats:
+        """Make the maps hold exactly frontends.
+
+        full: reread the maps first instead of trusting this object's image of
+        them (repairs any drift). A failed sync makes the next one full.
+        """
+        if self._dirty or full:
+            self._load()
+        try:
+            return self._sync(list(frontends))
+        except BaseException:
+            self._dirty = True
+            raise
+
+    def _desired(self, frontends: list[Frontend]) -> _State:
+        want = _State(services={}, backends={}, slots={}, members={})
+        for fe in frontends:
+            proto = PROTOCOLS[fe.protocol]
+            key = (ip_to_be32(fe.vip), fe.port, proto)
+            if key in want.services:
+                raise ValueError(f"frontend {fe.vip}:{fe.port}/{fe.protocol} given twice")
+            svc_id = self._svc_ids.get(key)
+            if svc_id is None:
+                svc_id = self._svc_ids[key] = self._alloc_svc()
+            bids = []
+            for b in fe.backends:
+                ep = (ip_to_be32(b.ip), b.port, proto)
+                bid = self._backend_ids.get(ep)
+                if bid is None:
+                    bid = self._backend_ids[ep] = self._alloc_backend()
+                want.backends[bid] = (*ep, 0)
+                bids.append(bid)
+            current = self._state.services.get(key)
+            old_count = current[1] if current and current[0] == svc_id else 0
+            old = [self._state.slots.get((svc_id, s)) for s in range(old_count)]
+            for slot, bid in enumerate(assign_slots(old, bids)):
+                want.slots[(svc_id, slot)] = bid
+                want.members[(svc_id, bid)] = slot
+            flags = SVC_F_AFFINITY if fe.affinity_timeout else 0
+            want.services[key] = (svc_id, len(bids), flags, fe.affinity_timeout)
+        return want
+
+    def _sync(self, frontends: list[Frontend]) -> SyncStats:
+        want = self._desired(frontends)
+        m, have = self._maps, self._state
+        stats: Counter[str] = Counter()
+
+        ids = (self._next_svc, self._next_backend)
+        if ids != self._saved_ids:  # before any entry names a new id
+            m.id_state.update(U32(0), IdState(*ids))
+            self._saved_ids = ids
+
+        _ensure(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
+        _ensure(m.service_members, have.members, want.members, _member_kv, "members", stats)
+        _ensure(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
+        _ensure(m.services, have.services, want.services, _svc_kv, "services", stats)
+        _sweep(m.services, have.services, want.services, _svc_kv, "services", stats)
+        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
+        _sweep(m.service_members, have.members, want.members, _member_kv, "members", stats)
+        _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
+
+        self._reindex()
+        result = SyncStats(**stats)
+        log.debug("datapath sync: %s", result)
+        return result
+
+    # -- reading back -----------------------------------------------------
+
+    def dump(self) -> list[Frontend]:
+        """The frontends the maps hold now (read from the maps, not from this object's image)."""
+        m = self._maps
+        backends = {
+            bid: Backend(be32_to_ip(addr), ntohs(port))
+            for (bid,), (addr, port, _, _) in m.backends.rows()
+        }
+        slots = {key: bid for key, (bid,) in m.service_backends.rows()}
+        out = []
+        for (vip, port, proto, _), (svc_id, count, flags, _, timeout) in m.services.rows():
+            found = []
+            for s in range(count):
+                bid = slots.get((svc_id, s))
+                b = backends.get(bid) if bid is not None else None
+                if b is None:
+                    log.warning("service %d slot %d: no backend", svc_id, s)
+                    continue
+                found.append(b)
+            out.append(
+                Frontend(
+                    vip=be32_to_ip(vip),
+                    port=ntohs(port),
+                    protocol=PROTOCOL_NAMES.get(proto, str(proto)),
+                    backends=tuple(found),
+                    affinity_timeout=timeout if flags & SVC_F_AFFINITY else 0,
+                )
+            )
+        return sorted(out, key=Frontend.sort_key)
+
+
+# -- conversions between the image's tuples and the ctypes structs ----------
+
+
+def _svc_kv(k: SvcK, v: SvcV | None) -> tuple[SvcKey, SvcValue | None]:
+    key = SvcKey(vip=k[0], port=port_to_be16(k[1]), proto=k[2], pad=0)
+    if v is None:
+        return key, None
+    return key, SvcValue(svc_id=v[0], count=v[1], flags=v[2], pad=0, affinity_timeout=v[3])
+
+
+def _backend_kv(k: int, v: BeV | None) -> tuple[U32, BackendValue | None]:
+    if v is None:
+        return U32(k), None
+    return U32(k), BackendValue(addr=v[0], port=port_to_be16(v[1]), proto=v[2], flags=v[3])
+
+
+def _slot_kv(k: Pair, v: int | None) -> tuple[SlotKey, U32 | None]:
+    return SlotKey(svc_id=k[0], slot=k[1]), None if v is None else U32(v)
+
+
+def _member_kv(k: Pair, v: int | None) -> tuple[MemberKey, U32 | None]:
+    return MemberKey(svc_id=k[0], backend_id=k[1]), None if v is None else U32(v)
+
+
+def _ensure(
+    bpf_map: MapLike[Any, Any],
+    have: dict[K, V],
+    want: dict[K, V],
+    convert: Callable[[K, V | None], tuple[Any, Any]],
+    name: str,
+    stats: Counter[str],
+) -> None:
+    """Write every wanted entry whose value differs from what the map holds."""
+    for k, v in want.items():
+        if have.get(k) != v:
+            bpf_map.update(*convert(k, v))
+            have[k] = v
+            stats[f"{name}_written"] += 1
+
+
+def _sweep(
+    bpf_map: MapLike[Any, Any],
+    have: dict[K, V],
+    want: dict[K, V],
+    convert: Callable[[K, V | None], tuple[Any, Any]],
+    name: str,
+    stats: Counter[str],
+) -> None:
+    """Delete every entry that is not wanted."""
+    for k in [k for k in have if k not in want]:
+        bpf_map.delete(convert(k, None)[0])
+        del have[k]
+        stats[f"{name}_deleted"] += 1

@@ -1,0 +1,161 @@
+"""The Programmer's logic on in-memory maps: every intermediate map state is consistent."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebpflb.datapath.fake import DictMap, fake_maps
+from ebpflb.datapath.maps import LbMaps
+from ebpflb.datapath.programmer import Backend, Frontend, Programmer, assign_slots
+
+pytestmark = pytest.mark.unit
+
+
+def check_consistent(m: LbMaps) -> None:
+    """What the datapath relies on: a service's live slots name existing member backends."""
+    slots = {(k.svc_id, k.slot): v.value for k, v in m.service_backends.items()}
+    members = {(k.svc_id, k.backend_id) for k, _ in m.service_members.items()}
+    backends = {k.value for k, _ in m.backends.items()}
+    for _, svc in m.services.items():
+        for slot in range(svc.count):
+            bid = slots.get((svc.svc_id, slot))
+            assert bid is not None, f"service {svc.svc_id} slot {slot} missing"
+            assert bid in backends, f"service {svc.svc_id} slot {slot}: no backend {bid}"
+            assert (svc.svc_id, bid) in members, f"service {svc.svc_id}: {bid} not a member"
+    for _, bid in members:
+        assert bid in backends, f"member {bid} has no backend entry"
+
+
+class CheckedMap(DictMap[ctypes.Structure, ctypes.Structure]):
+    """Checks the whole map set after every write, as the datapath would see it."""
+
+    maps: LbMaps | None = None
+    fail_after: int | None = None  # raise on this many more writes
+
+    def _after(self) -> None:
+        if self.maps is not None:
+            check_consistent(self.maps)
+
+    def _maybe_fail(self) -> None:
+        if CheckedMap.fail_after is not None:
+            if CheckedMap.fail_after == 0:
+                raise OSError(28, "map full")
+            CheckedMap.fail_after -= 1
+
+    def update(self, key: ctypes.Structure, value: ctypes.Structure) -> None:
+        self._maybe_fail()
+        super().update(key, value)
+        self._after()
+
+    def delete(self, key: ctypes.Structure) -> bool:
+        self._maybe_fail()
+        found = super().delete(key)
+        self._after()
+        return found
+
+
+def checked_maps() -> LbMaps:
+    plain = fake_maps()
+    checked = {}
+    for name in ("services", "backends", "service_backends", "service_members", "id_state"):
+        m = getattr(plain, name)
+        checked[name] = CheckedMap(m.key_type, m.value_type, name)
+    maps = LbMaps(conntrack=plain.conntrack, affinity=plain.affinity, **checked)
+    for m in checked.values():
+        m.maps = maps
+    return maps
+
+
+def writes(maps: LbMaps) -> tuple[int, int]:
+    """(updates, deletes) done on the four programmed maps."""
+    ms = [maps.services, maps.backends, maps.service_backends, maps.service_members]
+    return sum(m.updates for m in ms), sum(m.deletes for m in ms)  # type: ignore[attr-defined]
+
+
+VIPS = ("10.96.0.1", "10.96.0.2")
+PODS = tuple(Backend(f"10.244.0.{i}", p) for i in range(1, 6) for p in (8080, 9090))
+
+frontend_st = st.builds(
+    Frontend,
+    vip=st.sampled_from(VIPS),
+    port=st.sampled_from((53, 80)),
+    protocol=st.sampled_from(("TCP", "UDP")),
+    backends=st.lists(st.sampled_from(PODS), max_size=6).map(tuple),
+    affinity_timeout=st.sampled_from((0, 30)),
+)
+desired_st = st.lists(frontend_st, max_size=6).map(
+    lambda fes: list({(f.vip, f.port, f.protocol): f for f in fes}.values())
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(desired_st, min_size=1, max_size=6))
+def test_any_sequence_of_syncs_keeps_the_maps_consistent(history: list[list[Frontend]]) -> None:
+    maps = checked_maps()
+    programmer = Programmer(maps)
+    for i, desired in enumerate(history):
+        if i == 3:  # an agent restart in the middle
+            programmer = Programmer(maps)
+        before = writes(maps)
+        stats = programmer.sync(desired)
+        after = writes(maps)
+        assert (stats.written, stats.deleted) == (after[0] - before[0], after[1] - before[1])
+        assert programmer.dump() == sorted(desired, key=Frontend.sort_key)
+        again = programmer.sync(desired)
+        assert (again.written, again.deleted) == (0, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(desired_st, desired_st, st.integers(min_value=0, max_value=20))
+def test_a_failed_sync_is_repaired_by_the_next(
+    first: list[Frontend], second: list[Frontend], fail_at: int
+) -> None:
+    maps = checked_maps()
+    programmer = Programmer(maps)
+    programmer.sync(first)
+    CheckedMap.fail_after = fail_at
+    try:
+        programmer.sync(second)
+    except OSError:
+        pass
+    finally:
+        CheckedMap.fail_after = None
+    programmer.sync(second)
+    assert programmer.dump() == sorted(second, key=Frontend.sort_key)
+
+
+def test_ids_stay_stable_and_are_not_reused() -> None:
+    maps = fake_maps()
+    p = Programmer(maps)
+    a = Frontend("10.96.0.1", 80, "TCP", (PODS[0],))
+    b = Frontend("10.96.0.2", 80, "TCP", (PODS[1],))
+    p.sync([a, b])
+    ids = p.service_id("10.96.0.1", 80, "TCP"), p.service_id("10.96.0.2", 80, "TCP")
+    p.sync([a])
+    p.sync([a, b])
+    assert p.service_id("10.96.0.1", 80, "TCP") == ids[0]
+    assert p.service_id("10.96.0.2", 80, "TCP") not in ids
+
+
+SLOTS = [
+    ("new", [], [1, 2, 3], [1, 2, 3]),
+    ("unchanged", [1, 2, 3], [1, 2, 3], [1, 2, 3]),
+    ("append", [1, 2], [1, 2, 3], [1, 2, 3]),
+    ("remove-last", [1, 2, 3], [1, 2], [1, 2]),
+    ("remove-first-moves-last", [1, 2, 3], [2, 3], [3, 2]),
+    ("replace-in-place", [1, 2, 3], [1, 4, 3], [1, 4, 3]),
+    ("all-new", [1, 2], [5, 6], [5, 6]),
+    ("empty", [1, 2], [], []),
+    ("hole-from-crash", [1, None, 3], [1, 3, 4], [1, 4, 3]),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "wanted", "slots"), [c[1:] for c in SLOTS], ids=[c[0] for c in SLOTS]
+)
+def test_assign_slots(old: list[int | None], wanted: list[int], slots: list[int]) -> None:
+    assert assign_slots(old, wanted) == slots
