@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 
 from ebpflb.agent.desired import DesiredState
+from ebpflb.agent.healthcheck import HealthChecks
 from ebpflb.agent.links import BridgePorts
 from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
@@ -79,6 +80,7 @@ class Agent:
         self.watchers = [KindWatcher(self.client, k, self.queue, self.stop) for k in WATCHED]
         self.ports = BridgePorts(cfg.bridge, self._attach, self._detach, self.stop)
         self.synced: set[str] = set()
+        self.health = HealthChecks()
         self.syncs = 0
 
     def _attach(self, ifindex: int, ifname: str) -> None:
@@ -153,6 +155,7 @@ class Agent:
                 if self.synced == set(WATCHED) and (self.state.dirty or full_resync):
                     try:
                         stats = self.programmer.sync(self.state.frontends(), full=full_resync)
+                        self.health.sync(self.state.health_checks())
                         self.syncs += 1
                         full_resync = False
                         log.debug("sync %d: %s", self.syncs, stats)
@@ -170,6 +173,7 @@ class Agent:
         self.stop.set()
         for w in self.watchers:
             w.cancel()
+        self.health.close()
         self.ports.join(timeout=2)
         if self.cfg.cleanup:
             self.datapath.close(cleanup=True)

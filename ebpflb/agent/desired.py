@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ebpflb.datapath.programmer import Backend, Frontend
-
+from ebpflb.agent.healthcheck import HealthCheck
 from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.datapath.programmer import Backend, Frontend
 from ebpflb.objects import SERVICE_NAME_LABEL, Key
 
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -72,6 +72,22 @@ def service_frontends(
     return out
 
 
+def health_check(
+    svc: pb.Service, slices: Iterable[pb.EndpointSlice], node: str
+) -> HealthCheck | None:
+    """What the Service's health check node port says on this node (None: it has none)."""
+    spec = svc.spec
+    if not spec.health_check_node_port or spec.external_traffic_policy != "Local":
+        return None
+    local = {
+        ep.addresses[0]
+        for es in slices
+        for ep in es.endpoints
+        if ep.addresses and ep.node_name == node and endpoint_ready(ep)
+    }
+    return HealthCheck(svc.metadata.namespace, svc.metadata.name, len(local))
+
+
 @dataclass
 class DesiredState:
     """Services and slices as the registry last said, and the frontends they make.
@@ -82,6 +98,7 @@ class DesiredState:
     slices: dict[Key, pb.EndpointSlice] = field(default_factory=dict)
     _slices_of: dict[Key, set[Key]] = field(default_factory=dict)  # service -> its slices
     _frontends: dict[Key, list[Frontend]] = field(default_factory=dict)
+    _health: dict[Key, tuple[int, HealthCheck]] = field(default_factory=dict)
     _dirty: set[Key] = field(default_factory=set)
 
     def _service_of(self, key: Key, es: pb.EndpointSlice) -> Key | None:
@@ -123,14 +140,27 @@ class DesiredState:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
-    def frontends(self) -> list[Frontend]:
-        """Every frontend, recomputing only the Services changed since the last call."""
+    def _recompute(self) -> None:
+        """Frontends and health checks of the Services changed since the last call."""
         for key in self._dirty:
             svc = self.services.get(key)
+            self._frontends.pop(key, None)
+            self._health.pop(key, None)
             if svc is None:
-                self._frontends.pop(key, None)
                 continue
             slices = [self.slices[k] for k in sorted(self._slices_of.get(key, set()))]
             self._frontends[key] = service_frontends(svc, slices, self.node)
+            check = health_check(svc, slices, self.node)
+            if check is not None:
+                self._health[key] = (svc.spec.health_check_node_port, check)
         self._dirty.clear()
+
+    def frontends(self) -> list[Frontend]:
+        """Every frontend of every Service."""
+        self._recompute()
         return [f for key in sorted(self._frontends) for f in self._frontends[key]]
+
+    def health_checks(self) -> dict[int, HealthCheck]:
+        """Health check node port -> what it reports."""
+        self._recompute()
+        return dict(self._health.values())
