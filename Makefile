@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test unit lint proto clean
+.PHONY: setup demo test unit lint proto clean vagrant-test
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,15 @@ unit: setup
 lint: setup
 	$(VENV)/bin/ruff check ebpflb tests
 	$(VENV)/bin/mypy
+
+# The multi-node suite on three Debian 12 VMs (docs/vagrant.md). Needs Vagrant and
+# libvirt or VirtualBox here; not part of `make test`. rsync + provision put the
+# current code into VMs that are already up and restart the units on it.
+vagrant-test: setup
+	vagrant up --no-provision
+	vagrant rsync
+	vagrant provision
+	EBPFLB_TARGET=vagrant $(PYTEST) tests/vm
 
 # The one command that makes the generated gRPC code in ebpflb/api/.
 proto:

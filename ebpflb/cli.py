@@ -508,6 +508,15 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge", default="cni0", help="the pods' bridge (default cni0)")
     p.add_argument("--node-ip", default="", metavar="IP", help="default: autodetected")
     p.add_argument("--pod-cidr", default="", metavar="CIDR", help="default: the bridge's subnet")
+    p.add_argument(
+        "--external-iface",
+        action="append",
+        default=[],
+        metavar="IFACE[:MODE]",
+        help="where NodePort traffic comes in (repeatable; MODE xdp, xdp-generic or tc; "
+        "default: every interface that is not the bridge, a pod veth or lo, "
+        "in the faster mode for its kind)",
+    )
     p.add_argument("--pin-dir", default="", metavar="DIR", help="default /sys/fs/bpf/ebpflb/<node>")
     p.add_argument(
         "--cleanup",
@@ -529,6 +538,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             pin_dir=args.pin_dir,
             node_ip=args.node_ip,
             pod_cidr=args.pod_cidr,
+            external_ifaces=tuple(args.external_iface),
             cleanup=args.cleanup,
         )
     )

@@ -14,6 +14,7 @@ packages=(
   python3-bpfcc python3-venv python3-yaml bpftool linux-headers-amd64
   iproute2 iptables nftables containernetworking-plugins
   nginx-light curl socat iperf3
+  vagrant  # only for `vagrant validate` in the tests; VMs need a provider too (docs/vagrant.md)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -36,6 +36,7 @@ class AgentConfig:
     pin_dir: str = ""  # default DEFAULT_PIN_ROOT/<node>
     node_ip: str = ""  # default: autodetected
     pod_cidr: str = ""  # default: the bridge's subnet
+    external_ifaces: tuple[str, ...] = ()  # IFACE or IFACE:MODE; default: autodetected
     cleanup: bool = False  # on exit, detach and remove the pins
     gc_interval: float = 10.0
 
