@@ -26,11 +26,6 @@ EXAMPLE_ENV = {
     "EBPFLB_POD_CIDR": "10.244.1.0/24",
     "EBPFLB_EXTERNAL_IFACE": "eth1",
 }
-# Flags the units pass that the agent is about to gain (another change adds
-# them); an agent without one exits with "unrecognized arguments".
-PENDING_FLAGS = {"--external-iface"}
-
-
 def settings(unit: str) -> dict[str, list[str]]:
     """Key -> every value set for it (comments, sections and continuations aside)."""
     out: dict[str, list[str]] = {}
@@ -52,18 +47,9 @@ def exec_argv(unit: str) -> list[str]:
 
 
 def unknown_flags(argv: list[str]) -> list[str]:
-    """Arguments `ebpflb` would refuse, less the pending flags and their values."""
+    """Arguments `ebpflb` would refuse."""
     _, extra = parser().parse_known_args(argv)
-    left = []
-    skip_value = False
-    for arg in extra:
-        if skip_value:
-            skip_value = False
-        elif arg in PENDING_FLAGS:
-            skip_value = True
-        else:
-            left.append(arg)
-    return left
+    return list(extra)
 
 
 @pytest.mark.parametrize(
