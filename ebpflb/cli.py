@@ -545,6 +545,38 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _maps_arguments(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", help="the node whose agent pins under /sys/fs/bpf/ebpflb/NODE")
+    where.add_argument("--pin-dir", metavar="DIR", help="the folder the maps are pinned in")
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    """What the datapath holds, read from the pinned maps (no registry needed)."""
+    from ebpflb.agent.agent import DEFAULT_PIN_ROOT
+    from ebpflb.datapath.maps import LbMaps
+    from ebpflb.datapath.programmer import Programmer
+
+    pin_dir = args.pin_dir or f"{DEFAULT_PIN_ROOT}/{args.node}"
+    try:
+        maps = LbMaps.open(pin_dir)
+    except OSError as e:
+        raise CliError(f"{pin_dir}: no ebpflb maps pinned there ({e.strerror or e})") from None
+    try:
+        rows = []
+        for f in Programmer(maps).dump():
+            backends = ",".join(f"{b.ip}:{b.port}" for b in f.backends) or "<none>"
+            affinity = f"{f.affinity_timeout}s" if f.affinity_timeout else "-"
+            rows.append([f"{f.vip}:{f.port}/{f.protocol}", affinity, backends])
+        print(printers.table(["FRONTEND", "AFFINITY", "BACKENDS"], rows), end="")
+        print()
+        counters = maps.counter_totals()
+        print("   ".join(f"{k}={v}" for k, v in counters.items()))
+    finally:
+        maps.close()
+    return 0
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     p.add_argument(
@@ -571,6 +603,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("registry", "run the registry (gRPC server)", _registry_arguments, cmd_registry),
     Command(
         "agent", "run the node agent (in the node's network namespace)", _agent_arguments, cmd_agent
+    ),
+    Command(
+        "maps", "show the frontends and counters in a node's pinned maps", _maps_arguments, cmd_maps
     ),
     Command("demo", "a namespace cluster with nginx behind a ClusterIP", _demo_arguments, cmd_demo),
 )

@@ -118,6 +118,7 @@ def run(keep: bool = False) -> int:
             say(f"  ip netns exec {client.netns} curl http://{vip}/")
             say(f"  EBPFLB_REGISTRY={lb.address} {sys.argv[0]} get svc")
             say(f"  ip netns exec {node.netns} tc filter show dev {backends[0].host_veth} ingress")
+            say(f"  {sys.argv[0]} maps --pin-dir {lb.pin_dir(node)}")
             say(f"  bpftool map dump pinned {lb.pin_dir(node)}/services")
             say(f"Remove it with: {sys.argv[0]} demo --cleanup {lb.prefix}")
             lb.keep()

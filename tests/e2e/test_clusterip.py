@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from ebpflb.cluster import Pod, Server
-from ebpflb.harness import LbCluster, eventually
+from ebpflb.harness import EBPFLB, LbCluster, eventually
 from ebpflb.objects import Key
 
 pytestmark = [
@@ -299,3 +300,20 @@ def test_session_affinity_sticks_switches_and_times_out(env: Env) -> None:
         chosen |= set(hits(lambda: env.get(vip, 80), 3))
         time.sleep(3.5)
     assert len(chosen) > 1
+
+
+def test_the_maps_agree_with_the_registry(env: Env) -> None:
+    p = env.pod("shown")
+    env.http(p)
+    vip = env.apply(service("shown", {"app": "shown"}, [{"port": 8081, "targetPort": 80}]))
+    assert eventually(lambda: env.get(vip, 8081)) == p.name
+    out = subprocess.run(
+        [*EBPFLB, "maps", "--pin-dir", str(env.lb.pin_dir(env.node))],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    row = next(line.split() for line in out.splitlines() if line.startswith(f"{vip}:8081/TCP"))
+    assert row == [f"{vip}:8081/TCP", "-", f"{p.ip}:80"]
+    assert "dnat=" in out
