@@ -276,10 +276,8 @@ class Registry:
     def _sync_endpoints(self, txn: _Txn) -> None:
         """Recompute the managed EndpointSlices of every Service the transaction touched;
         write only those that changed."""
-        done: set[Key] = set()
-        while txn.touched_services - done:
-            skey = min(txn.touched_services - done)
-            done.add(skey)
+        # Writing slices touches no Service, so the set is complete here.
+        for skey in sorted(txn.touched_services):
             svc_obj = self._objects.get(skey)
             desired: list[pb.EndpointSlice] = []
             if svc_obj is not None:
