@@ -159,7 +159,14 @@ class Agent:
                         self.health.sync(self.state.health_checks())
                         self.syncs += 1
                         full_resync = False
-                        log.debug("sync %d: %s", self.syncs, stats)
+                        if self.syncs == 1:
+                            log.info(
+                                "synced: %d frontends programmed (%s)",
+                                len(self.state.frontends()),
+                                stats,
+                            )
+                        else:
+                            log.debug("sync %d: %s", self.syncs, stats)
                     except Exception:
                         log.exception("programming the maps failed; a full resync follows")
                         full_resync = True
