@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ebpflb.api.v1 import registry_pb2 as pb
-from ebpflb.client import RegistryClient, RegistryError
+from ebpflb.client import RegistryClient
 from ebpflb.cluster import Cluster, Node, Pod
 from ebpflb.cluster.cleanup import cleanup_stale, untrack
 from ebpflb.cluster.netns import netns_path
@@ -23,6 +23,15 @@ from ebpflb.objects import from_manifest
 PIN_ROOT = Path("/sys/fs/bpf/ebpflb")
 EBPFLB = [sys.executable, "-m", "ebpflb"]
 T = TypeVar("T")
+
+
+def until(cond: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Wait for cond() to hold, retrying whatever it raises meanwhile."""
+
+    def check() -> None:
+        assert cond()
+
+    eventually(check, timeout, interval)
 
 
 def remove_cluster(prefix: str) -> list[str]:
@@ -229,11 +238,12 @@ class LbCluster:
             except subprocess.TimeoutExpired:
                 self.registry_proc.kill()
                 self.registry_proc.wait(timeout=10)
-        with contextlib.suppress(RegistryError, Exception):
+        try:
             self.cluster.close()
-        for node_pins in PIN_ROOT.glob(f"{self.prefix}-*"):
-            shutil.rmtree(node_pins, ignore_errors=True)
-        _remove_pin_root()
+        finally:
+            for node_pins in PIN_ROOT.glob(f"{self.prefix}-*"):
+                shutil.rmtree(node_pins, ignore_errors=True)
+            _remove_pin_root()
 
     def keep(self) -> None:
         """Leave everything running when this process exits (`ebpflb demo --keep`);

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from ebpflb.cluster import Pod, Server
-from ebpflb.harness import EBPFLB, LbCluster, eventually
+from ebpflb.harness import EBPFLB, LbCluster, eventually, until
 from ebpflb.objects import Key
 
 pytestmark = [
@@ -133,15 +133,6 @@ class Env:
 def env() -> Iterator[Env]:
     with LbCluster(nodes=1) as lb:
         yield Env(lb)
-
-
-def until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Wait for cond() to hold (retrying whatever it raises meanwhile)."""
-
-    def check() -> None:
-        assert cond()
-
-    eventually(check, timeout)
 
 
 def hits(fn: Any, n: int) -> Counter[str]:
