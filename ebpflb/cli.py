@@ -15,7 +15,14 @@ from typing import NoReturn
 
 from ebpflb import printers
 from ebpflb.api.v1 import registry_pb2 as pb
-from ebpflb.client import DEFAULT_ADDRESS, RegistryClient, RegistryError, RegistryUnavailable
+from ebpflb.client import (
+    DEFAULT_ADDRESS,
+    RegistryClient,
+    RegistryError,
+    RegistryUnavailable,
+    TlsConfig,
+    TlsError,
+)
 from ebpflb.objects import (
     DEFAULT_NAMESPACE,
     SERVICE_NAME_LABEL,
@@ -31,6 +38,21 @@ from ebpflb.objects import (
 )
 
 REGISTRY_ENV = "EBPFLB_REGISTRY"
+# The registry's limits (ebpflb.registry.server.Limits has the same defaults; a unit
+# test checks). Spelled out here so `ebpflb get` need not import the server.
+REGISTRY_LIMITS = {
+    "max_message_bytes": (16 * 1024 * 1024, "the largest request accepted, in bytes"),
+    "max_apply_objects": (50_000, "objects in one Apply"),
+    "max_objects": (1_000_000, "objects stored, EndpointSlices included"),
+    "max_watches": (256, "watch streams open at once"),
+}
+# ebpflb.certs.ROLES and its validity defaults, for the same reason (cryptography
+# takes a third of a second to import).
+CERT_ROLES = ("admin", "node", "viewer", "server")
+CA_DAYS, CERT_DAYS = 3650, 365
+# A client's TLS files (flag, then environment): the CA that signed the registry's
+# certificate, and this client's certificate and key.
+TLS_ENV = {"tls_ca": "EBPFLB_TLS_CA", "tls_cert": "EBPFLB_TLS_CERT", "tls_key": "EBPFLB_TLS_KEY"}
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 # `get endpoints` is kubectl's Endpoints view, built from EndpointSlices.
 ENDPOINTS_WORDS = ("endpoints", "ep")
@@ -63,11 +85,33 @@ class Command:
 # ------------------------------------------------------------------ helpers
 
 
-def _client(args: argparse.Namespace) -> RegistryClient:
-    address = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS
+def _address(args: argparse.Namespace) -> str:
+    address: str = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS
     if address.startswith("/"):
         address = "unix://" + address
-    return RegistryClient(address)
+    return address
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The client's TLS files from --tls-ca/--tls-cert/--tls-key or EBPFLB_TLS_*; None
+    when none is given. A unix socket never uses them."""
+    ca, cert, key = (getattr(args, a, None) or os.environ.get(e, "") for a, e in TLS_ENV.items())
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise CliError("--tls-cert and --tls-key go together (or EBPFLB_TLS_CERT and _KEY)")
+    if not ca:
+        raise CliError("--tls-ca is needed too: the CA that signed the registry's certificate")
+    return TlsConfig(ca=ca, cert=cert, key=key)
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    address = _address(args)
+    tls = None if address.startswith("unix:") else tls_config(args)
+    try:
+        return RegistryClient(address, tls=tls)
+    except TlsError as e:
+        raise CliError(str(e)) from None
 
 
 def _kind(word: str) -> Kind:
@@ -450,7 +494,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def _registry_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--listen", default=DEFAULT_ADDRESS, metavar="ADDR", help="unix:///path or host:port"
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help=f"unix:///path (plain, mode 0600, callers are admin) or host:port (mTLS); "
+        f"repeatable (default {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--store",
@@ -464,6 +512,38 @@ def _registry_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--node-port-range", default="30000-32767", metavar="A-B", help="where nodePorts come from"
     )
+    # --tls-cert and --tls-key are the global flags: here, the registry's own.
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="with --tls-cert and --tls-key: the CA that signs clients' certificates "
+        "(default --tls-ca; a TCP listener requires all three; the registry reads "
+        "flags only, never EBPFLB_TLS_*)",
+    )
+    p.add_argument(
+        "--insecure-tcp",
+        action="store_true",
+        help="allow a TCP listener without TLS: unauthenticated, every caller is admin "
+        "(a private test network only)",
+    )
+    for dest, (default, what) in REGISTRY_LIMITS.items():
+        p.add_argument(
+            "--" + dest.replace("_", "-"),
+            type=_positive,
+            default=default,
+            metavar="N",
+            help=f"{what} (default {default})",
+        )
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'invalid value "{text}": want a positive integer')
+    return n
 
 
 def node_port_range(text: str) -> tuple[int, int]:
@@ -485,17 +565,32 @@ def cmd_registry(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--service-cidr: {e}") from None
     node_port_range(args.node_port_range)
-    from ebpflb.registry.server import run
+    from ebpflb.registry.server import Limits, ServerTls, run
 
+    files = {
+        "--tls-cert": args.tls_cert,
+        "--tls-key": args.tls_key,
+        "--tls-client-ca": args.tls_client_ca or args.tls_ca,
+    }
+    missing = [flag for flag, value in files.items() if not value]
+    if len(missing) < len(files) and missing:
+        raise CliError(
+            f"{', '.join(missing)} missing: mTLS needs --tls-cert, --tls-key and --tls-client-ca"
+        )
+    tls = ServerTls(*files.values()) if not missing else None
+    limits = Limits(**{dest: getattr(args, dest) for dest in REGISTRY_LIMITS})
     try:
         run(
-            listen=args.listen,
+            listen=args.listen or [DEFAULT_ADDRESS],
             store_url=args.store,
             service_cidr=args.service_cidr,
             node_port_range=args.node_port_range,
+            tls=tls,
+            insecure_tcp=args.insecure_tcp,
+            limits=limits,
         )
     except (ValueError, OSError) as e:
-        # A store URL it cannot open, an address it cannot listen on.
+        # A store URL it cannot open, an address it cannot listen on, TCP without TLS.
         raise CliError(str(e)) from None
     return 0
 
@@ -530,9 +625,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     """Run the node agent until SIGINT or SIGTERM."""
     from ebpflb.agent.agent import AgentConfig, run
 
+    address = _address(args)
+    tls = None if address.startswith("unix:") else tls_config(args)
+    if tls is not None:
+        try:
+            tls.credentials()  # unreadable files: an error now, not a retry loop
+        except TlsError as e:
+            raise CliError(str(e)) from None
     run(
         AgentConfig(
-            registry=args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS,
+            registry=address,
             node=args.node,
             bridge=args.bridge,
             pin_dir=args.pin_dir,
@@ -540,6 +642,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             pod_cidr=args.pod_cidr,
             external_ifaces=tuple(args.external_iface),
             cleanup=args.cleanup,
+            tls=tls,
         )
     )
     return 0
@@ -593,6 +696,83 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(keep=args.keep)
 
 
+# ------------------------------------------------------------------ certs
+
+DEFAULT_CERTS_DIR = "/etc/ebpflb/pki"
+
+
+def _certs_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    init = sub.add_parser(
+        "init", help="make a CA: DIR/ca.crt and DIR/ca.key", description="make a CA"
+    )
+    issue = sub.add_parser(
+        "issue",
+        help="issue DIR/NAME.crt and DIR/NAME.key, signed by the CA in DIR",
+        description="Issue a certificate signed by the CA in DIR. Clients get O=ebpflb, "
+        "OU=ROLE, CN=NAME (a node: CN=system:node:NODE); the registry's (role server) "
+        "names the addresses clients dial (--ip, --dns).",
+    )
+    show = sub.add_parser("show", help="what certificate files say", description="show certs")
+    for q in (init, issue):
+        q.add_argument(
+            "--dir", default=DEFAULT_CERTS_DIR, help=f"default {DEFAULT_CERTS_DIR} (made 0700)"
+        )
+        q.add_argument("--force", action="store_true", help="replace files that exist")
+    init.add_argument(
+        "--days", type=_positive, default=CA_DAYS, help=f"validity (default {CA_DAYS})"
+    )
+    issue.add_argument("--name", required=True, help="the files' name, and a client's CN")
+    issue.add_argument(
+        "--role",
+        required=True,
+        choices=CERT_ROLES,
+        help="admin, node, viewer: a client's (the OU); server: the registry's own",
+    )
+    issue.add_argument("--node", default="", help="role node: its Node's name (default NAME)")
+    issue.add_argument(
+        "--ip", action="append", default=[], metavar="IP", help="an IP SAN (repeatable)"
+    )
+    issue.add_argument(
+        "--dns", action="append", default=[], metavar="NAME", help="a DNS SAN (repeatable)"
+    )
+    issue.add_argument(
+        "--days", type=_positive, default=CERT_DAYS, help=f"validity (default {CERT_DAYS})"
+    )
+    show.add_argument("files", nargs="+", metavar="FILE")
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """A CA and certificates for the registry's mTLS (ECDSA P-256; keys mode 0600)."""
+    from ebpflb import certs
+
+    try:
+        if args.certs_command == "init":
+            issued = certs.init_ca(Path(args.dir), days=args.days, force=args.force)
+        elif args.certs_command == "issue":
+            issued = certs.issue(
+                Path(args.dir),
+                args.name,
+                args.role,
+                node=args.node,
+                ips=args.ip,
+                dns=args.dns,
+                days=args.days,
+                force=args.force,
+            )
+        else:
+            for f in args.files:
+                print(certs.describe(Path(f)))
+            return 0
+        print(certs.describe(issued.cert))
+        print(f"{issued.key}: its key (mode 0600)")
+    except certs.CertError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"{e.filename}: {e.strerror}") from None
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 COMMANDS: tuple[Command, ...] = (
@@ -608,6 +788,7 @@ COMMANDS: tuple[Command, ...] = (
         "maps", "show the frontends and counters in a node's pinned maps", _maps_arguments, cmd_maps
     ),
     Command("demo", "a namespace cluster with nginx behind a ClusterIP", _demo_arguments, cmd_demo),
+    Command("certs", "a CA and certificates for the registry's mTLS", _certs_arguments, cmd_certs),
 )
 
 
@@ -619,6 +800,16 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--registry", metavar="ADDR", default=argparse.SUPPRESS, help=registry_help)
     top = _Parser(prog="ebpflb", description="Kubernetes Services with an eBPF datapath.")
     top.add_argument("--registry", metavar="ADDR", default=None, help=registry_help)
+    tls_help = {
+        "tls_ca": "the CA that signed the registry's certificate",
+        "tls_cert": "this client's certificate (for `registry`: the registry's own)",
+        "tls_key": "its private key",
+    }
+    for dest, env in TLS_ENV.items():
+        flag = "--" + dest.replace("_", "-")
+        what = f"{tls_help[dest]}, PEM (env {env}; used for host:port registries)"
+        common.add_argument(flag, metavar="FILE", default=argparse.SUPPRESS, help=what)
+        top.add_argument(flag, metavar="FILE", default=None, help=what)
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.help, parents=[common])

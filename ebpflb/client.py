@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
@@ -16,6 +18,8 @@ from ebpflb.objects import Key
 
 DEFAULT_ADDRESS = "unix:///run/ebpflb/registry.sock"
 DEFAULT_TIMEOUT = 30.0
+# The registry sends messages up to this size (a List of a big registry).
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 # The reason kubectl shows in "Error from server (Reason): ..." for each gRPC status.
 _REASONS: dict[grpc.StatusCode, str] = {
@@ -35,6 +39,10 @@ _REASONS: dict[grpc.StatusCode, str] = {
 # gRPC's "failed to connect to all addresses; last error: UNKNOWN: unix:/x.sock: connect: ..."
 # says the address twice: keep "connect: ...".
 _CONNECT_NOISE = re.compile(r"^failed to connect to all addresses; last error: \w+: \S+: ")
+
+
+# gRPC's own refusal of a request over the server's receive limit.
+_TOO_LARGE = "SERVER: Received message larger than max"
 
 
 class RegistryError(Exception):
@@ -63,6 +71,59 @@ class RegistryUnavailable(RegistryError):
         self.address = address
 
 
+class TlsError(ValueError):
+    """TLS files that cannot be used (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """mTLS to a registry's TCP listener: the CA that signed the registry's
+    certificate, and this client's certificate and key (PEM files; made by
+    `ebpflb certs`). Without cert and key the registry refuses the handshake.
+
+    server_name replaces the host the registry's certificate must name (by default
+    the host of the address dialled)."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise TlsError("a client certificate needs its key, and a key its certificate")
+        ca = _read(self.ca, "CA certificate")
+        if not self.cert:
+            return grpc.ssl_channel_credentials(ca)
+        return grpc.ssl_channel_credentials(
+            ca, _read(self.key, "client key"), _read(self.cert, "client certificate")
+        )
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise TlsError(f"{what} {path}: {e.strerror}") from None
+
+
+def _handshake_hint(details: str, tls: TlsConfig | None) -> str:
+    """What a TLS failure most likely means, for a message gRPC leaves cryptic."""
+    if "Peer name" in details:
+        return " (issue the registry's certificate with this address: --ip or --dns)"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return " (the registry's certificate is not signed by the CA in --tls-ca)"
+    if details.endswith("Socket closed") or "WRONG_VERSION_NUMBER" in details:
+        if tls is None:
+            return " (does the registry require mTLS? give --tls-ca, --tls-cert and --tls-key)"
+        return (
+            " (the registry ended the TLS handshake: it refuses a client without a "
+            "certificate, or with one that is expired or not signed by its client CA; "
+            "its log says which)"
+        )
+    return ""
+
+
 class Watch:
     """A running Watch stream: iterate for events, cancel() from any thread to stop it."""
 
@@ -87,15 +148,29 @@ class Watch:
 class RegistryClient:
     """The registry's five calls with Python types and errors.
 
-    address is a gRPC target: `unix:///path` or `host:port`. Unary calls fail
-    fast when nothing listens and give up after `timeout` seconds; every failure
-    is a RegistryError (RegistryUnavailable when the registry cannot be reached).
+    address is a gRPC target: `unix:///path` or `host:port`. A host:port is dialled
+    with mTLS when tls is given; a unix socket is always plain (it is local, and
+    its callers are admin). Unary calls fail fast when nothing listens and give up
+    after `timeout` seconds; every failure is a RegistryError (RegistryUnavailable
+    when the registry cannot be reached). Bad TLS files raise TlsError at once.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: TlsConfig | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self.tls = None if address.startswith("unix:") else tls
+        opts: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        else:
+            if self.tls.server_name:
+                opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+            self._channel = grpc.secure_channel(address, self.tls.credentials(), options=opts)
         self._stub = pb_grpc.RegistryStub(self._channel)
 
     def __enter__(self) -> RegistryClient:
@@ -181,9 +256,14 @@ class RegistryClient:
         code = _call(e).code()
         details = _call(e).details() or str(code)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return RegistryUnavailable(self.address, code, _CONNECT_NOISE.sub("", details))
+            why = _CONNECT_NOISE.sub("", details)
+            if not self.address.startswith("unix:"):
+                why += _handshake_hint(why, self.tls)
+            return RegistryUnavailable(self.address, code, why)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RegistryUnavailable(self.address, code, f"no answer within {self.timeout:g}s")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_TOO_LARGE):
+            details += " (the registry's --max-message-bytes): nothing was stored"
         return RegistryError(code, details)
 
 

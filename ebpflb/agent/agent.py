@@ -17,7 +17,7 @@ from ebpflb.agent.healthcheck import HealthChecks
 from ebpflb.agent.links import BridgePorts
 from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
-from ebpflb.client import RegistryClient, RegistryError
+from ebpflb.client import RegistryClient, RegistryError, TlsConfig
 from ebpflb.datapath.loader import Datapath
 from ebpflb.datapath.programmer import Programmer
 from ebpflb.objects import wrap
@@ -38,6 +38,7 @@ class AgentConfig:
     pod_cidr: str = ""  # default: the bridge's subnet
     external_ifaces: tuple[str, ...] = ()  # IFACE or IFACE:MODE; default: autodetected
     cleanup: bool = False  # on exit, detach and remove the pins
+    tls: TlsConfig | None = None  # mTLS to a host:port registry (ignored for a unix socket)
     gc_interval: float = 10.0
 
     @property
@@ -73,7 +74,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.stop = threading.Event()
-        self.client = RegistryClient(cfg.registry)
+        self.client = RegistryClient(cfg.registry, tls=cfg.tls)
         self.datapath = Datapath(cfg.pins)
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node)

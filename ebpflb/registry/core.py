@@ -600,6 +600,12 @@ class Registry:
             return items, self._revision
 
     @property
+    def object_count(self) -> int:
+        """How many objects are stored, EndpointSlices included."""
+        with self._lock:
+            return len(self._objects)
+
+    @property
     def revision(self) -> int:
         with self._lock:
             return self._revision
