@@ -1,11 +1,13 @@
 /* Connection tracking: two entries per flow, their lifetimes, and the flow
  * they describe.
  *
- * Forward entry, keyed by the client's tuple (client -> VIP): the backend.
- * Reverse entry, keyed by the backend's reply tuple (backend -> client, or
- * backend -> hairpin address): the VIP to write back as source. Both are
- * rewritten together (on a state change, else at most every
- * LB_CT_REFRESH_NS), so they expire together and a lost one is recreated.
+ * Forward entry, keyed by the client's tuple (client -> VIP): the backend,
+ * and the source the backend sees. Reverse entry, keyed by the backend's
+ * reply tuple (backend -> that source: the client, the hairpin address, or
+ * the node's SNAT address and port): the VIP to write back as source and the
+ * client to write back as destination. Both are rewritten together (on a
+ * state change, else at most every LB_CT_REFRESH_NS), so they expire
+ * together and a lost one is recreated.
  */
 #ifndef LB_CONNTRACK_H
 #define LB_CONNTRACK_H
@@ -21,11 +23,14 @@ struct lb_flow {
 	__be32 client;	     /* client address (source of its packets before NAT) */
 	__be32 vip;	     /* frontend address the client dialled */
 	__be32 backend;	     /* backend address */
+	__be32 nat_addr;     /* source the backend sees: client, hairpin or SNAT address */
 	__be16 client_port;  /* client port */
 	__be16 vip_port;     /* frontend port */
 	__be16 backend_port; /* backend port */
+	__be16 nat_port;     /* source port the backend sees: the client's or the SNAT port */
 	__u8 proto;	     /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 flags;	     /* LB_CT_F_* */
+	__u16 pad;
 	__u32 svc_id;	     /* service */
 	__u32 backend_id;    /* backend */
 };
@@ -33,6 +38,11 @@ struct lb_flow {
 static __always_inline int ct_is_hairpin(const struct lb_flow *f)
 {
 	return f->flags & LB_CT_F_HAIRPIN;
+}
+
+static __always_inline int ct_is_snat(const struct lb_flow *f)
+{
+	return f->flags & LB_CT_F_SNAT;
 }
 
 /* The datapath's clock: CLOCK_MONOTONIC as of the last tick (1-4 ms behind
@@ -96,14 +106,14 @@ static __always_inline void ct_forward_key(struct lb_ct_key *k, const struct lb_
 	k->pad = 0;
 }
 
-/* The tuple the backend replies with: backend -> client, or -> the hairpin
- * address when the backend is the client itself. */
+/* The tuple the backend replies with: backend -> the source it saw (the
+ * client, the hairpin address, the node's SNAT address and port). */
 static __always_inline void ct_reverse_key(struct lb_ct_key *k, const struct lb_flow *f)
 {
 	k->saddr = f->backend;
-	k->daddr = ct_is_hairpin(f) ? LB_HAIRPIN_IP : f->client;
+	k->daddr = f->nat_addr;
 	k->sport = f->backend_port;
-	k->dport = f->client_port;
+	k->dport = f->nat_port;
 	k->proto = f->proto;
 	k->dir = LB_CT_REVERSE;
 	k->pad = 0;
@@ -117,6 +127,19 @@ static __always_inline void ct_fill_value(struct lb_ct_value *v, const struct lb
 	v->backend_id = f->backend_id;
 	v->flags = f->flags;
 	v->pad = 0;
+	v->pad2 = 0;
+	v->pad3 = 0;
+}
+
+/* The reverse entry's value: the VIP as new source, the client as new destination. */
+static __always_inline void ct_reverse_value(struct lb_ct_value *v, const struct lb_flow *f,
+					     __u64 now)
+{
+	ct_fill_value(v, f, now);
+	v->addr = f->vip;
+	v->port = f->vip_port;
+	v->nat_addr = f->client;
+	v->nat_port = f->client_port;
 }
 
 /* Write (create or replace) both entries of a flow. */
@@ -129,14 +152,13 @@ static __always_inline int ct_write(const struct lb_flow *f, __u64 now)
 	ct_fill_value(&v, f, now);
 	v.addr = f->backend;
 	v.port = f->backend_port;
-	v.client = 0;
+	v.nat_addr = f->nat_addr;
+	v.nat_port = f->nat_port;
 	if (conntrack.update(&k, &v))
 		return -1;
 
 	ct_reverse_key(&k, f);
-	v.addr = f->vip;
-	v.port = f->vip_port;
-	v.client = ct_is_hairpin(f) ? f->client : 0;
+	ct_reverse_value(&v, f, now);
 	return conntrack.update(&k, &v);
 }
 
@@ -159,6 +181,8 @@ static __always_inline void ct_flow_from_forward(struct lb_flow *f, const struct
 	f->proto = p->proto;
 	f->backend = e->addr;
 	f->backend_port = e->port;
+	f->nat_addr = e->nat_addr;
+	f->nat_port = e->nat_port;
 	f->flags = e->flags;
 	f->svc_id = e->svc_id;
 	f->backend_id = e->backend_id;
@@ -170,8 +194,10 @@ static __always_inline void ct_flow_from_reverse(struct lb_flow *f, const struct
 {
 	f->backend = p->saddr;
 	f->backend_port = p->sport;
-	f->client = (e->flags & LB_CT_F_HAIRPIN) ? e->client : p->daddr;
-	f->client_port = p->dport;
+	f->nat_addr = p->daddr;
+	f->nat_port = p->dport;
+	f->client = e->nat_addr;
+	f->client_port = e->nat_port;
 	f->vip = e->addr;
 	f->vip_port = e->port;
 	f->proto = p->proto;

@@ -59,4 +59,52 @@ static __always_inline __u64 lb_l4_csum_flags(const struct lb_pkt *p)
 	return p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
 
+/* -- Incremental updates done by hand (XDP has no checksum helpers) ------
+ *
+ * One's complement sums of 16-bit words do not depend on byte order as long
+ * as every word is read the same way, so addresses and ports are summed as
+ * they lie in memory (wire order) and the result is stored the same way. */
+
+/* Fold a sum of 16-bit words to 16 bits (end-around carry), not complemented. */
+static __always_inline __u16 lb_csum_fold16(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+static __always_inline __u64 lb_csum_add32(__u64 sum, __be32 v)
+{
+	return sum + (v & 0xffff) + (v >> 16);
+}
+
+/* RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'): start from ~HC, then for every
+ * changed field add ~m + m', then lb_csum_finish. */
+static __always_inline __u64 lb_csum_replace32(__u64 sum, __be32 from, __be32 to)
+{
+	return lb_csum_add32(sum, ~from) + (to & 0xffff) + (to >> 16);
+}
+
+static __always_inline __u64 lb_csum_replace16(__u64 sum, __be16 from, __be16 to)
+{
+	return sum + (__u16)~from + to;
+}
+
+static __always_inline __sum16 lb_csum_finish(__u64 sum)
+{
+	return (__sum16)~lb_csum_fold16(sum);
+}
+
+/* What a TCP/UDP checksum field holds while the sender's checksum offload is
+ * still pending (CHECKSUM_PARTIAL): the pseudo header's sum, folded, not
+ * complemented; the device adds the segment and complements. */
+static __always_inline __sum16 lb_csum_seed(__be32 saddr, __be32 daddr, __u8 proto, __u32 len)
+{
+	__u64 sum = lb_csum_add32(0, saddr);
+
+	sum = lb_csum_add32(sum, daddr);
+	return (__sum16)lb_csum_fold16(sum + lb_htons(proto) + lb_htons(len));
+}
+
 #endif /* LB_CSUM_H */

@@ -1,18 +1,49 @@
-/* Per-packet handling of the two directions of a balanced connection:
- * client -> VIP (DNAT to a backend) and backend -> client (reverse NAT).
+/* Per-packet decisions for the two directions of a balanced connection,
+ * shared by every entry point (tc and XDP): client -> VIP (DNAT to a
+ * backend, and SNAT when a NodePort backend is on another node) and
+ * backend -> client (reverse NAT).
+ *
+ * The decisions only read and write maps; they return what to do with the
+ * packet (struct lb_nat), and tc.h / xdp.h do it with their own means.
  */
 #ifndef LB_FLOW_H
 #define LB_FLOW_H
-
-#include <linux/pkt_cls.h>
 
 #include "conntrack.h"
 #include "counters.h"
 #include "lb.h"
 #include "lb_maps.h"
-#include "nat.h"
+#include "node.h"
 #include "parse.h"
-#include "reply.h"
+#include "snat.h"
+
+/* What to do with a packet once the maps have been consulted. */
+enum lb_action {
+	LB_ACT_PASS,   /* no frontend, no flow: leave it untouched */
+	LB_ACT_NAT,    /* rewrite it as struct lb_nat says and send it on */
+	LB_ACT_REFUSE, /* a frontend without backends: answer with RST / ICMP */
+	LB_ACT_DROP,   /* cannot be balanced (no SNAT port): drop it */
+};
+
+/* How a rewritten packet goes on. */
+enum lb_route {
+	LB_ROUTE_STACK,	 /* to the kernel, which routes it (to a pod, a local backend) */
+	LB_ROUTE_BOUNCE, /* back out of the interface it came in on, MACs swapped (hairpin) */
+	LB_ROUTE_FIB,	 /* routed by the program (FIB lookup, redirect): its new source is
+			  * a node address, which the kernel's input path drops as martian */
+};
+
+/* The rewrite: the packet's new 4-tuple and its way on. */
+struct lb_nat {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 route; /* enum lb_route */
+	__u8 dir;   /* LB_CT_FORWARD (a client's packet) or LB_CT_REVERSE (a reply) */
+	__u8 flags; /* the flow's LB_CT_F_* (hairpin, SNAT) */
+	__u8 pad;
+};
 
 /* A forward entry that cannot be used for this packet: expired, made by a
  * service that has since been deleted and recreated (other id), or a new SYN
@@ -33,50 +64,40 @@ static __always_inline int lb_ct_usable(const struct lb_ct_value *e,
 	return 1;
 }
 
-/* Point the flow at a freshly selected backend. */
+/* Point the flow at a freshly selected backend, and decide the source the
+ * backend sees: the client itself, or the hairpin address when the backend
+ * is the client (a pod reaching itself). External clients never hairpin: a
+ * pod of another node that reaches itself through this node's NodePort is a
+ * remote backend, SNATed. */
 static __always_inline void lb_flow_set_backend(struct lb_flow *f, const struct lb_backend_value *b,
-						__u32 backend_id)
+						__u32 backend_id, const int external)
 {
 	f->backend = b->addr;
 	f->backend_port = b->port;
 	f->backend_id = backend_id;
-	if (b->addr == f->client)
+	f->flags &= ~(LB_CT_F_HAIRPIN | LB_CT_F_SNAT);
+	f->nat_addr = f->client;
+	f->nat_port = f->client_port;
+	if (!external && b->addr == f->client) {
 		f->flags |= LB_CT_F_HAIRPIN;
-	else
-		f->flags &= ~LB_CT_F_HAIRPIN;
-}
-
-/* Send the packet back out of the interface it came in on. A hairpinned
- * packet goes back to the pod it came from: swapping the MACs makes the
- * destination the pod and the source the gateway (whose MAC it was sent to),
- * and skips the node's routing and reverse-path filter, which would drop the
- * link-local hairpin source. */
-static __always_inline int lb_bounce(struct __sk_buff *skb, struct lb_counters *c)
-{
-	if (lb_swap_macs(skb)) {
-		LB_COUNT(c, errors);
-		return TC_ACT_SHOT;
+		f->nat_addr = LB_HAIRPIN_IP;
 	}
-	return bpf_redirect(skb->ifindex, 0);
 }
-
-/* Not a TC action: the helper is done, the caller goes on. */
-#define LB_CONTINUE (-2)
 
 /* Remember the flow (both conntrack entries). */
-static __always_inline int lb_flow_save(const struct lb_flow *f, __u64 now, struct lb_counters *c)
+static __always_inline void lb_flow_save(const struct lb_flow *f, __u64 now, struct lb_counters *c)
 {
 	if (ct_write(f, now))
 		LB_COUNT(c, errors); /* forwarded anyway: its replies will not be reverse-NATed */
-	return LB_CONTINUE;
 }
 
 /* The flow of a client's packet: its conntrack entry if usable (moved at once
- * off a backend that left the service), else a newly balanced one. Fills f;
- * returns LB_CONTINUE, or the verdict for a client that is refused. */
-static __always_inline int lb_forward_flow(struct __sk_buff *skb, const struct lb_pkt *p,
-					   const struct lb_svc_value *svc, struct lb_flow *f,
-					   __u64 now, struct lb_counters *c)
+ * off a backend that left the service), else a newly balanced one. Fills f.
+ * external: the packet came in on an external interface, where a backend on
+ * another node gets the client SNATed (cfg gives the address and ports). */
+static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct lb_svc_value *svc,
+					   const struct lb_node_config *cfg, const int external,
+					   struct lb_flow *f, __u64 now, struct lb_counters *c)
 {
 	struct lb_backend_value *b;
 	struct lb_ct_key key;
@@ -93,11 +114,12 @@ static __always_inline int lb_forward_flow(struct __sk_buff *skb, const struct l
 		b = lb_backend_in_service(svc->svc_id, e->backend_id);
 		if (b && b->addr == e->addr && b->port == e->port) {
 			if (!ct_needs_refresh(e, flags, now))
-				return LB_CONTINUE;
+				return LB_ACT_NAT;
 			f->flags = flags;
 			if (lb_svc_has_affinity(svc))
 				lb_affinity_touch(svc, f->client, f->backend_id, now);
-			return lb_flow_save(f, now, c);
+			lb_flow_save(f, now, c);
+			return LB_ACT_NAT;
 		}
 		/* The backend left the service (or its id now names another
 		 * endpoint): move the flow now. TCP: the new backend answers the
@@ -118,40 +140,57 @@ static __always_inline int lb_forward_flow(struct __sk_buff *skb, const struct l
 
 	b = lb_select_backend(svc, p, now, &backend_id, c);
 	if (!b)
-		return lb_refuse(skb, p, c);
+		return LB_ACT_REFUSE;
 	f->flags = flags;
-	lb_flow_set_backend(f, b, backend_id);
-	return lb_flow_save(f, now, c);
+	lb_flow_set_backend(f, b, backend_id, external);
+	if (external && !lb_backend_is_local(b)) {
+		if (lb_snat_alloc(f, cfg, lb_flow_hash(p), now)) {
+			LB_COUNT(c, snat_no_port);
+			return LB_ACT_DROP;
+		}
+	}
+	lb_flow_save(f, now, c);
+	return LB_ACT_NAT;
 }
 
-/* client -> VIP: find or make the flow, DNAT it (and SNAT when hairpinning). */
-static __always_inline int lb_forward(struct __sk_buff *skb, const struct lb_pkt *p,
-				      const struct lb_svc_value *svc, struct lb_counters *c)
+/* client -> VIP: find or make the flow; the rewrite is DNAT (plus SNAT to the
+ * hairpin or the node's address). */
+static __always_inline int lb_forward(const struct lb_pkt *p, const struct lb_svc_value *svc,
+				      const struct lb_node_config *cfg, const int external,
+				      struct lb_nat *n, struct lb_counters *c)
 {
 	struct lb_flow f = {
 		.client = p->saddr, .vip = p->daddr, .client_port = p->sport,
 		.vip_port = p->dport, .proto = p->proto, .svc_id = svc->svc_id,
 	};
-	int ret = lb_forward_flow(skb, p, svc, &f, lb_now(), c);
+	int act = lb_forward_flow(p, svc, cfg, external, &f, lb_now(), c);
 
-	if (ret != LB_CONTINUE)
-		return ret;
-	if (lb_rewrite(skb, p, ct_is_hairpin(&f) ? LB_HAIRPIN_IP : p->saddr, f.backend, p->sport,
-		       f.backend_port)) {
-		LB_COUNT(c, errors);
-		return TC_ACT_SHOT;
-	}
-	LB_COUNT(c, dnat);
-	if (ct_is_hairpin(&f)) {
-		LB_COUNT(c, hairpin);
-		return lb_bounce(skb, c);
-	}
-	return TC_ACT_OK;
+	if (act != LB_ACT_NAT)
+		return act;
+	n->saddr = f.nat_addr;
+	n->daddr = f.backend;
+	n->sport = f.nat_port;
+	n->dport = f.backend_port;
+	n->dir = LB_CT_FORWARD;
+	n->flags = f.flags;
+	if (ct_is_hairpin(&f))
+		n->route = LB_ROUTE_BOUNCE;
+	else if (ct_is_snat(&f))
+		n->route = LB_ROUTE_FIB;
+	else
+		n->route = LB_ROUTE_STACK;
+	return LB_ACT_NAT;
 }
 
-/* backend -> client: if this is the reply of a balanced flow, write the VIP
- * back as its source (and the client as destination when hairpinning). */
-static __always_inline int lb_reverse(struct __sk_buff *skb, const struct lb_pkt *p,
+/* backend -> client: if this is the reply of a balanced flow, the rewrite
+ * writes the VIP back as source (and the client as destination when the
+ * flow was hairpinned or SNATed). snat_only: take only SNATed flows' replies
+ * (on an external interface, where other replies are not ours to translate:
+ * the pod's veth does that). routable: the packet is still to be routed (not
+ * at egress), so a reply whose new source is a node address must be routed
+ * by the program. */
+static __always_inline int lb_reverse(const struct lb_pkt *p, const struct lb_node_config *cfg,
+				      const int snat_only, const int routable, struct lb_nat *n,
 				      struct lb_counters *c)
 {
 	struct lb_ct_key key = {
@@ -163,14 +202,14 @@ static __always_inline int lb_reverse(struct __sk_buff *skb, const struct lb_pkt
 	__u64 now;
 	__u8 flags;
 
-	if (!e) {
+	if (!e || (snat_only && !(e->flags & LB_CT_F_SNAT))) {
 		LB_COUNT(c, passed);
-		return TC_ACT_OK;
+		return LB_ACT_PASS;
 	}
 	now = lb_now();
 	if (ct_expired(e, now)) {
 		LB_COUNT(c, passed);
-		return TC_ACT_OK;
+		return LB_ACT_PASS;
 	}
 	ct_flow_from_reverse(&f, p, e);
 	flags = ct_next_flags(f.flags, p, 0);
@@ -180,16 +219,35 @@ static __always_inline int lb_reverse(struct __sk_buff *skb, const struct lb_pkt
 			LB_COUNT(c, errors);
 	}
 
-	if (lb_rewrite(skb, p, f.vip, f.client, f.vip_port, p->dport)) {
-		LB_COUNT(c, errors);
-		return TC_ACT_SHOT;
+	n->saddr = f.vip;
+	n->daddr = f.client;
+	n->sport = f.vip_port;
+	n->dport = f.client_port;
+	n->dir = LB_CT_REVERSE;
+	n->flags = f.flags;
+	if (ct_is_hairpin(&f))
+		n->route = LB_ROUTE_BOUNCE;
+	else if (routable && lb_is_node_ip(cfg, f.vip))
+		n->route = LB_ROUTE_FIB;
+	else
+		n->route = LB_ROUTE_STACK;
+	return LB_ACT_NAT;
+}
+
+/* Count a rewrite that was done. */
+static __always_inline void lb_count_nat(struct lb_counters *c, const struct lb_nat *n)
+{
+	if (n->dir == LB_CT_FORWARD) {
+		LB_COUNT(c, dnat);
+		if (n->flags & LB_CT_F_SNAT)
+			LB_COUNT(c, snat);
+	} else {
+		LB_COUNT(c, rev_nat);
+		if (n->flags & LB_CT_F_SNAT)
+			LB_COUNT(c, rev_snat);
 	}
-	LB_COUNT(c, rev_nat);
-	if (ct_is_hairpin(&f)) {
+	if (n->flags & LB_CT_F_HAIRPIN)
 		LB_COUNT(c, hairpin);
-		return lb_bounce(skb, c);
-	}
-	return TC_ACT_OK;
 }
 
 #endif /* LB_FLOW_H */

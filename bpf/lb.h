@@ -28,6 +28,17 @@ static __always_inline int lb_svc_has_backends(const struct lb_svc_value *svc)
 	return svc->count > 0;
 }
 
+/* A NodePort frontend: balanced on external interfaces too. */
+static __always_inline int lb_svc_is_nodeport(const struct lb_svc_value *svc)
+{
+	return svc->flags & LB_SVC_F_NODEPORT;
+}
+
+static __always_inline int lb_backend_is_local(const struct lb_backend_value *b)
+{
+	return b->flags & LB_BE_F_LOCAL;
+}
+
 /* The backend if it still exists and still belongs to the service, else NULL. */
 static __always_inline struct lb_backend_value *lb_backend_in_service(__u32 svc_id,
 								      __u32 backend_id)

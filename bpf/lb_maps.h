@@ -54,6 +54,13 @@ BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, a
 /* Per-CPU counters, one entry; userspace sums the CPUs. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, counters, 1, LB_PIN_DIR "/counters");
 
+/* This node's settings (addresses, SNAT ports, external interfaces), one
+ * entry written by the agent. All zero (not yet written): no address is the
+ * node's, so NodePort to remote backends is dropped (no SNAT source) and
+ * replies are not redirected. */
+BPF_TABLE_PINNED("array", __u32, struct lb_node_config, node_config, 1,
+		 LB_PIN_DIR "/node_config");
+
 /* Id allocator state for the agent (see struct lb_id_state); one entry. */
 BPF_TABLE_PINNED("array", __u32, struct lb_id_state, id_state, 1, LB_PIN_DIR "/id_state");
 

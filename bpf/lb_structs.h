@@ -17,6 +17,8 @@ struct lb_svc_key {
 };
 
 #define LB_SVC_F_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+#define LB_SVC_F_NODEPORT 0x2 /* a NodePort frontend (a node address): also balanced on external
+			       * interfaces, where remote backends get the client SNATed */
 
 struct lb_svc_value {
 	__u32 svc_id;		/* stable id: keys service_backends, service_members, affinity */
@@ -31,8 +33,10 @@ struct lb_backend_value {
 	__be32 addr; /* backend (pod) address */
 	__be16 port; /* backend (target) port */
 	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8 flags;  /* reserved (terminating, node-local...): 0 */
+	__u8 flags;  /* LB_BE_F_* */
 };
+
+#define LB_BE_F_LOCAL 0x1 /* the backend runs on this node (no SNAT needed to reach it) */
 
 /* service_backends: (service, slot) -> backend_id. */
 struct lb_slot_key {
@@ -49,7 +53,7 @@ struct lb_member_key {
 /* service_members' value is a __u32: the backend's slot (for dumps only). */
 
 #define LB_CT_FORWARD 0 /* client -> VIP, as sent by the client */
-#define LB_CT_REVERSE 1 /* backend -> client (or -> hairpin address), as sent by the backend */
+#define LB_CT_REVERSE 1 /* backend -> client (or -> hairpin / SNAT address), as sent by the backend */
 
 /* conntrack: a packet's 5-tuple as seen at tc ingress, plus direction. */
 struct lb_ct_key {
@@ -65,6 +69,8 @@ struct lb_ct_key {
 #define LB_CT_F_HAIRPIN 0x1	/* backend == client: source NATed to the hairpin address */
 #define LB_CT_F_ESTABLISHED 0x2 /* TCP: the client sent a packet without SYN */
 #define LB_CT_F_CLOSING 0x4	/* TCP: FIN or RST seen in either direction */
+#define LB_CT_F_SNAT 0x8	/* NodePort to a remote backend: source NATed to the node address
+				 * and an allocated port, which key the reverse entry */
 
 struct lb_ct_value {
 	__u64 last_seen;   /* lb_now() (CLOCK_MONOTONIC_COARSE, ns) of the last refresh */
@@ -72,10 +78,15 @@ struct lb_ct_value {
 	__u32 svc_id;	   /* service that balanced the flow; another id in services = stale */
 	__u32 backend_id;  /* backend the flow is pinned to */
 	__be32 addr;	   /* forward: backend address (new daddr); reverse: VIP (new saddr) */
-	__be32 client;	   /* reverse of a hairpin flow: client address (new daddr); else 0 */
+	__be32 nat_addr;   /* forward: source the backend sees (new saddr: the client, the hairpin
+			    * or the SNAT address); reverse: client address (new daddr) */
 	__be16 port;	   /* forward: backend port (new dport); reverse: VIP port (new sport) */
+	__be16 nat_port;   /* forward: source port the backend sees (new sport: the client's or
+			    * the SNAT port); reverse: client port (new dport) */
 	__u8 flags;	   /* LB_CT_F_* */
 	__u8 pad;	   /* always 0 */
+	__u16 pad2;	   /* always 0 */
+	__u32 pad3;	   /* always 0 */
 };
 
 /* affinity: (service, client) -> backend, for sessionAffinity ClientIP. */
@@ -90,8 +101,9 @@ struct lb_affinity_value {
 	__u32 pad;	  /* always 0 */
 };
 
-/* counters: per-CPU packet counts, one named field per outcome. from_pod and
- * to_pod share them: a packet crossing both hooks counts twice. */
+/* counters: per-CPU packet counts, one named field per outcome. Every program
+ * shares them: a packet crossing two hooks (pod ingress and egress, XDP then
+ * tc) counts at each. */
 struct lb_counters {
 	__u64 packets;	     /* every packet the program ran on */
 	__u64 passed;	     /* IPv4 TCP/UDP for no frontend and no reply entry: untouched */
@@ -108,6 +120,35 @@ struct lb_counters {
 	__u64 affinity_hits; /* new flows sent to the client's affinity backend */
 	__u64 no_backend;    /* packets to a frontend without backends: refused or dropped */
 	__u64 errors;	     /* helper or map failures: packet dropped (or NAT not remembered) */
+	/* NodePort on external interfaces (XDP and tc) */
+	__u64 nodeport_xdp;	  /* packets of NodePort flows finished by XDP (NAT or refusal) */
+	__u64 nodeport_tc;	  /* packets of NodePort flows finished by tc on an external interface */
+	__u64 xdp_pass_to_tc;	  /* packets XDP left untouched for tc: see xdp.h for why */
+	__u64 snat;		  /* client -> NodePort packets SNATed to the node (remote backend) */
+	__u64 rev_snat;		  /* replies of SNATed flows translated back to the client */
+	__u64 snat_no_port;	  /* new SNAT flows dropped: no free SNAT port (or no node address) */
+	__u64 fib_redirect;	  /* packets routed by the program, neighbour known (MACs written) */
+	__u64 fib_redirect_neigh; /* packets routed by tc, neighbour resolved by bpf_redirect_neigh */
+	__u64 fib_fail;		  /* packets the program had to route but the FIB refused: dropped */
+};
+
+/* node_config: this node's settings, written by the agent (one entry). */
+#define LB_MAX_NODE_IPS 4
+#define LB_MAX_EXT_IFACES 8
+
+#define LB_IF_F_PARTIAL_CSUM 0x1 /* XDP here may see partial checksums (a veth: the sender's
+				  * offload is still pending; XDP cannot tell) */
+#define LB_IF_F_NO_XDP_TX 0x2	 /* XDP must not transmit here (native XDP on a veth whose peer
+				  * runs no XDP program drops XDP_TX frames): tc does it */
+
+struct lb_node_config {
+	__be32 node_ips[LB_MAX_NODE_IPS];     /* this node's addresses (0: unused); [0] is the
+					       * SNAT source, which every other node can reach */
+	__u32 ext_ifindex[LB_MAX_EXT_IFACES]; /* external interfaces (0: unused) */
+	__u32 ext_flags[LB_MAX_EXT_IFACES];   /* LB_IF_F_* of ext_ifindex[i] */
+	__u16 snat_port_min;		      /* SNAT source ports, host order, inclusive */
+	__u16 snat_port_max;
+	__u32 pad; /* always 0 */
 };
 
 /* id_state: control-plane only (the program never reads it). Pinned with the

@@ -1,5 +1,7 @@
-/* Rewriting addresses and ports in place, keeping the IP and L4 checksums
- * right (incrementally, so CHECKSUM_PARTIAL GSO skbs from pods stay valid).
+/* tc: rewriting addresses and ports in place through helpers, keeping the
+ * IP and L4 checksums right (incrementally, and the helpers know whether the
+ * skb's checksum is partial, so CHECKSUM_PARTIAL GSO skbs stay valid). XDP's
+ * counterpart is in xdp.h.
  */
 #ifndef LB_NAT_H
 #define LB_NAT_H

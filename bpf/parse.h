@@ -1,8 +1,8 @@
-/* Packet parsing: Ethernet + IPv4 + TCP/UDP headers into a struct lb_pkt.
+/* Packet parsing: Ethernet + IPv4 + TCP/UDP headers into a struct lb_pkt,
+ * for tc and XDP alike.
  *
- * Reads only, with direct packet access; everything after parsing changes the
- * packet through helpers (which invalidate packet pointers, so nothing here
- * keeps a pointer for later).
+ * Reads only, with direct packet access; nothing here keeps a pointer for
+ * later (tc changes the packet through helpers, which invalidate them).
  */
 #ifndef LB_PARSE_H
 #define LB_PARSE_H
@@ -13,6 +13,7 @@
 #include <linux/udp.h>
 #include <linux/in.h>
 
+#include "hook.h"
 #include "lb_config.h"
 
 #define LB_L3_OFF ETH_HLEN /* veths carry no VLAN tags */
@@ -45,6 +46,12 @@ struct lb_pkt {
 	__u32 l4_len;	 /* IP total length minus the IP header: L4 header + payload */
 };
 
+/* The IP packet's length: header and L4 segment. */
+static __always_inline __u32 lb_ip_len(const struct lb_pkt *p)
+{
+	return p->l4_off - LB_L3_OFF + p->l4_len;
+}
+
 static __always_inline int lb_tcp_has(const struct lb_pkt *p, __u8 flag)
 {
 	return p->proto == IPPROTO_TCP && (p->tcp_flags & flag);
@@ -57,14 +64,30 @@ static __always_inline int lb_tcp_is_syn(const struct lb_pkt *p)
 }
 
 /* Make sure the headers we read are in the linear part of the skb (they
- * nearly always are; pulling changes no byte of the packet). */
-static __always_inline void lb_pull_headers(struct __sk_buff *skb)
+ * nearly always are; pulling changes no byte of the packet). XDP's packet is
+ * linear already. */
+static __always_inline void lb_pull_headers(void *ctx, const enum lb_hook hook)
 {
+	struct __sk_buff *skb = ctx;
 	__u32 want = LB_L3_OFF + 60 + sizeof(struct tcphdr); /* the largest IP header + TCP */
+
+	if (hook == LB_HOOK_XDP)
+		return;
 	if (want > skb->len)
 		want = skb->len;
 	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
 		bpf_skb_pull_data(skb, want);
+}
+
+/* A GSO packet over 64 KB (BIG TCP) carries IP total length 0; its length is
+ * the skb's. XDP never sees one (it is not linear). */
+static __always_inline __u32 lb_big_tot_len(void *ctx, const enum lb_hook hook)
+{
+	struct __sk_buff *skb = ctx;
+
+	if (hook == LB_HOOK_XDP || !skb->gso_size)
+		return 0;
+	return skb->len - LB_L3_OFF;
 }
 
 /* Parse an Ethernet frame. Fragments are passed on unchanged because only the
@@ -72,12 +95,13 @@ static __always_inline void lb_pull_headers(struct __sk_buff *skb)
  * between two destinations, and later fragments cannot be matched to a flow
  * without reassembly. A fragmented datagram to a VIP is therefore not load
  * balanced (it goes on to the VIP and is lost). */
-static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_pkt *p)
+static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct lb_pkt *p)
 {
-	lb_pull_headers(skb);
+	lb_pull_headers(ctx, hook);
 
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = lb_data(ctx, hook);
+	void *data_end = lb_data_end(ctx, hook);
+	__u32 len = lb_len(ctx, hook);
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > data_end)
@@ -95,11 +119,10 @@ static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_pkt *p)
 
 	__u32 ihl = ip->ihl * 4;
 	__u32 tot = lb_ntohs(ip->tot_len);
-	/* BIG TCP: a GSO packet over 64 KB carries tot_len 0; its length is the skb's. */
-	if (tot == 0 && skb->gso_size)
-		tot = skb->len - LB_L3_OFF;
-	/* Compare with skb->len, not data_end: a GSO skb's payload is in pages. */
-	if (tot < ihl || LB_L3_OFF + tot > skb->len)
+	if (tot == 0)
+		tot = lb_big_tot_len(ctx, hook);
+	/* Compare with the packet's length, not data_end: a GSO skb's payload is in pages. */
+	if (tot < ihl || LB_L3_OFF + tot > len)
 		return LB_PARSE_MALFORMED;
 	if (ip->frag_off & lb_htons(LB_IP_MF | LB_IP_OFFSET))
 		return LB_PARSE_FRAGMENT;

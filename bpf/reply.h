@@ -1,10 +1,11 @@
 /* Refusing a client when its frontend has no backend: the packet is turned
  * into a TCP RST or an ICMP port unreachable from the VIP and sent back out
- * of the interface it came in on (towards the pod), so the client fails at
- * once instead of timing out.
+ * of the interface it came in on (towards the pod, or the external client),
+ * so the client fails at once instead of timing out.
  *
- * Both replies are built whole on the stack with full checksums, the skb is
- * cut or grown to their length, and written over the original.
+ * Both replies are built whole on the stack with full checksums, the packet
+ * is cut or grown to their length, and written over the original: in tc and
+ * in XDP alike.
  */
 #ifndef LB_REPLY_H
 #define LB_REPLY_H
@@ -18,6 +19,7 @@
 
 #include "counters.h"
 #include "csum.h"
+#include "hook.h"
 #include "parse.h"
 
 #define LB_REPLY_TTL 64
@@ -42,11 +44,11 @@ struct lb_icmp_frame {
 };
 
 /* Ethernet header for a frame going back to the sender. */
-static __always_inline int lb_reply_eth(struct __sk_buff *skb, struct ethhdr *eth)
+static __always_inline int lb_reply_eth(void *ctx, const enum lb_hook hook, struct ethhdr *eth)
 {
 	struct ethhdr in;
 
-	if (bpf_skb_load_bytes(skb, 0, &in, sizeof(in)))
+	if (lb_load_bytes(ctx, hook, 0, &in, sizeof(in)))
 		return -1;
 	__builtin_memcpy(eth->h_dest, in.h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, in.h_dest, ETH_ALEN);
@@ -75,14 +77,16 @@ static __always_inline void lb_reply_ip(struct iphdr *ip, const struct lb_pkt *p
 /* RFC 9293 3.10.7.1 (closed port): a segment with ACK gets <SEQ=SEG.ACK><CTL=RST>,
  * one without gets <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (SYN and FIN
  * count in SEG.LEN). */
-static __always_inline int lb_reply_tcp_rst(struct __sk_buff *skb, const struct lb_pkt *p)
+static __always_inline int lb_reply_tcp_rst(void *ctx, const enum lb_hook hook,
+					    const struct lb_pkt *p)
 {
 	struct lb_rst_frame f = {};
 	struct tcphdr in;
 	__u32 seg_len;
 	__s64 sum;
 
-	if (lb_reply_eth(skb, &f.eth) || bpf_skb_load_bytes(skb, p->l4_off, &in, sizeof(in)))
+	if (lb_reply_eth(ctx, hook, &f.eth) ||
+	    lb_load_bytes(ctx, hook, p->l4_off, &in, sizeof(in)))
 		return -1;
 	lb_reply_ip(&f.ip, p, IPPROTO_TCP, sizeof(f.ip) + sizeof(f.tcp), lb_htons(LB_IP_DF));
 
@@ -104,14 +108,15 @@ static __always_inline int lb_reply_tcp_rst(struct __sk_buff *skb, const struct 
 	sum = lb_csum_pseudo(f.ip.saddr, f.ip.daddr, IPPROTO_TCP, sizeof(f.tcp));
 	f.tcp.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&f.tcp, sizeof(f.tcp), sum));
 
-	if (bpf_skb_change_tail(skb, sizeof(f) - sizeof(f.pad), 0))
+	if (lb_set_len(ctx, hook, sizeof(f) - sizeof(f.pad)))
 		return -1;
-	return bpf_skb_store_bytes(skb, 0, &f.eth, sizeof(f) - sizeof(f.pad), 0);
+	return lb_store_bytes(ctx, hook, 0, &f.eth, sizeof(f) - sizeof(f.pad)) ? -2 : 0;
 }
 
 /* RFC 792 destination unreachable, code 3 (port unreachable), quoting the
  * client's IP header (options included) and the first 8 bytes after it. */
-static __always_inline int lb_reply_icmp_unreach(struct __sk_buff *skb, const struct lb_pkt *p)
+static __always_inline int lb_reply_icmp_unreach(void *ctx, const enum lb_hook hook,
+						 const struct lb_pkt *p)
 {
 	struct lb_icmp_frame f = {};
 	__u32 quote_len = p->l4_off - LB_L3_OFF + 8;
@@ -120,7 +125,8 @@ static __always_inline int lb_reply_icmp_unreach(struct __sk_buff *skb, const st
 
 	if (quote_len < sizeof(struct iphdr) + 8 || quote_len > sizeof(f.quote))
 		return -1;
-	if (lb_reply_eth(skb, &f.eth) || bpf_skb_load_bytes(skb, LB_L3_OFF, f.quote, quote_len))
+	if (lb_reply_eth(ctx, hook, &f.eth) ||
+	    lb_load_bytes(ctx, hook, LB_L3_OFF, f.quote, quote_len))
 		return -1;
 	lb_reply_ip(&f.ip, p, IPPROTO_ICMP, sizeof(f.ip) + sizeof(f.icmp) + quote_len, 0);
 
@@ -130,30 +136,38 @@ static __always_inline int lb_reply_icmp_unreach(struct __sk_buff *skb, const st
 	f.icmp.checksum = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)f.quote, quote_len, sum));
 
 	len = sizeof(f.eth) + sizeof(f.ip) + sizeof(f.icmp) + quote_len;
-	if (bpf_skb_change_tail(skb, len, 0))
+	if (lb_set_len(ctx, hook, len))
 		return -1;
-	return bpf_skb_store_bytes(skb, 0, &f.eth, len, 0);
+	return lb_store_bytes(ctx, hook, 0, &f.eth, len) ? -2 : 0;
 }
 
-/* The frontend has no backend: answer and send the answer back to the pod,
- * or drop what must not be answered (a RST). */
-static __always_inline int lb_refuse(struct __sk_buff *skb, const struct lb_pkt *p,
+/* The builders above return -1 while the packet is still untouched (a load
+ * failed, or it could not be cut or grown), -2 once it was not. Not a
+ * verdict: XDP could not build the reply and the packet is untouched, so
+ * the caller hands it to tc (which can grow an skb). */
+#define LB_REFUSE_TO_TC (-3)
+
+/* The frontend has no backend: answer and send the answer back where the
+ * client is, or drop what must not be answered (a RST). */
+static __always_inline int lb_refuse(void *ctx, const enum lb_hook hook, const struct lb_pkt *p,
 				     struct lb_counters *c)
 {
 	int err;
 
 	LB_COUNT(c, no_backend);
 	if (lb_tcp_has(p, LB_TCP_RST))
-		return TC_ACT_SHOT;
+		return lb_drop(hook);
 	if (p->proto == IPPROTO_TCP)
-		err = lb_reply_tcp_rst(skb, p);
+		err = lb_reply_tcp_rst(ctx, hook, p);
 	else
-		err = lb_reply_icmp_unreach(skb, p);
+		err = lb_reply_icmp_unreach(ctx, hook, p);
+	if (err == -1 && hook == LB_HOOK_XDP)
+		return LB_REFUSE_TO_TC; /* nothing was written yet */
 	if (err) {
 		LB_COUNT(c, errors);
-		return TC_ACT_SHOT;
+		return lb_drop(hook);
 	}
-	return bpf_redirect(skb->ifindex, 0);
+	return lb_send_back(ctx, hook);
 }
 
 #endif /* LB_REPLY_H */

@@ -682,6 +682,14 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    p.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2)")
+    p.add_argument(
+        "--nodeport-mode",
+        choices=("xdp", "xdp-generic", "tc"),
+        default="",
+        help="NodePort path on the nodes' external interfaces (default: the faster one "
+        "for a veth, tc)",
+    )
     p.add_argument(
         "--cleanup", metavar="PREFIX", help="remove a cluster an earlier `demo --keep` left"
     )
@@ -693,7 +701,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.cleanup:
         return demo.cleanup(args.cleanup)
-    return demo.run(keep=args.keep)
+    if not 1 <= args.nodes <= 16:
+        raise CliError("--nodes: from 1 to 16")
+    return demo.run(keep=args.keep, nodes=args.nodes, nodeport_mode=args.nodeport_mode)
 
 
 # ------------------------------------------------------------------ certs

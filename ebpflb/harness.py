@@ -71,13 +71,16 @@ class LbCluster:
     bpffs where the agent pins its maps). close() stops them all and removes
     their pins, also after a failure."""
 
-    def __init__(self, nodes: int = 1, *, start_agents: bool = True) -> None:
+    def __init__(
+        self, nodes: int = 1, *, start_agents: bool = True, agent_args: Sequence[str] = ()
+    ) -> None:
         self.cluster = Cluster(nodes)
         self.prefix = self.cluster.prefix
         self.workdir = self.cluster.workdir
         self.address = f"unix://{self.workdir}/registry.sock"
         self.registry_proc: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.agent_args = tuple(agent_args)  # added to every agent's command line
         self.client: RegistryClient | None = None
         try:
             self.start_registry()
@@ -143,6 +146,7 @@ class LbCluster:
             node.pod_cidr,
             "--pin-dir",
             str(self.pin_dir(node)),
+            *self.agent_args,
             *extra,
         ]
         with self._log(f"agent-{node.name}") as out:

@@ -18,7 +18,7 @@ from ebpflb.agent.links import BridgePorts
 from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, TlsConfig
-from ebpflb.datapath.loader import Datapath
+from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, ExternalMode
 from ebpflb.datapath.programmer import Programmer
 from ebpflb.objects import wrap
 
@@ -26,6 +26,7 @@ log = logging.getLogger("ebpflb.agent")
 
 WATCHED = ("Service", "EndpointSlice")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ebpflb"
+MAX_NODE_IPS = 4  # LB_MAX_NODE_IPS in bpf/lb_structs.h
 
 
 @dataclass(frozen=True)
@@ -46,38 +47,64 @@ class AgentConfig:
         return self.pin_dir or f"{DEFAULT_PIN_ROOT}/{self.node}"
 
 
-def detect_addresses(bridge: str) -> tuple[str, str]:
-    """(node IP, pod CIDR) from this namespace's links: the node IP is the first IPv4
-    address on an interface that is neither loopback, the bridge nor a veth on it; the
-    pod CIDR is the bridge's subnet. Either is "" when not found."""
-    node_ip = pod_cidr = ""
+@dataclass(frozen=True)
+class NodeLinks:
+    """What this namespace's links say about the node."""
+
+    node_ips: tuple[str, ...]  # IPv4 addresses on the external interfaces
+    external: tuple[str, ...]  # with an address, neither lo, the bridge nor a port of it
+    pod_cidr: str  # the bridge's subnet ("" before the first pod made it)
+
+
+def detect_links(bridge: str) -> NodeLinks:
+    """The node's addresses, external interfaces and pod CIDR, from netlink."""
+    node_ips: list[str] = []
+    external: list[str] = []
+    pod_cidr = ""
     with IPRoute() as ipr:
         links = {int(m["index"]): m for m in ipr.get_links()}
-        bridge_idx = next(
-            (i for i, m in links.items() if m.get_attr("IFLA_IFNAME") == bridge), None
-        )
+        names = {i: str(m.get_attr("IFLA_IFNAME")) for i, m in links.items()}
+        bridge_idx = next((i for i, n in names.items() if n == bridge), None)
         for a in ipr.get_addr(family=2):
             idx = int(a["index"])
             link = links.get(idx)
             if link is None:
                 continue
-            name = link.get_attr("IFLA_IFNAME")
-            ip = a.get_attr("IFA_ADDRESS")
+            ip = str(a.get_attr("IFA_ADDRESS"))
             if idx == bridge_idx:
                 pod_cidr = str(ipaddress.ip_interface(f"{ip}/{a['prefixlen']}").network)
-            elif name != "lo" and link.get_attr("IFLA_MASTER") is None and not node_ip:
-                node_ip = ip
-    return node_ip, pod_cidr
+            elif names[idx] != "lo" and link.get_attr("IFLA_MASTER") is None:
+                node_ips.append(ip)
+                if names[idx] not in external:
+                    external.append(names[idx])
+    return NodeLinks(tuple(node_ips), tuple(external), pod_cidr)
+
+
+def parse_external(spec: str) -> tuple[str, ExternalMode | None]:
+    """IFACE or IFACE:MODE (MODE xdp, xdp-generic or tc)."""
+    name, _, mode = spec.partition(":")
+    if not mode:
+        return name, None
+    if mode not in EXTERNAL_MODES:
+        modes = ", ".join(EXTERNAL_MODES)
+        raise ValueError(f"--external-iface {spec}: the mode must be one of {modes}")
+    return name, mode
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.stop = threading.Event()
+        self.links = detect_links(cfg.bridge)
+        # The datapath holds up to MAX_NODE_IPS addresses (the first is the SNAT source).
+        self.node_ips = ((cfg.node_ip,) if cfg.node_ip else self.links.node_ips)[:MAX_NODE_IPS]
+        self.external = [parse_external(x) for x in cfg.external_ifaces] or [
+            (name, None) for name in self.links.external
+        ]
         self.client = RegistryClient(cfg.registry, tls=cfg.tls)
         self.datapath = Datapath(cfg.pins)
         self.programmer = Programmer(self.datapath)
-        self.state = DesiredState(cfg.node)
+        self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()
         self.watchers = [KindWatcher(self.client, k, self.queue, self.stop) for k in WATCHED]
         self.ports = BridgePorts(cfg.bridge, self._attach, self._detach, self.stop)
@@ -95,9 +122,24 @@ class Agent:
     def _detach(self, ifindex: int) -> None:
         log.info("pod veth %d is gone", ifindex)
 
+    def attach_external(self) -> None:
+        """NodePort on the external interfaces, in the mode asked for or the faster one
+        for the interface's kind; the node's first address is the SNAT source."""
+        if self.node_ips:
+            self.datapath.set_node(self.node_ips)
+        with IPRoute() as ipr:
+            for name, mode in self.external:
+                found = ipr.link_lookup(ifname=name)
+                if not found:
+                    log.warning("external interface %s does not exist", name)
+                    continue
+                chosen = self.datapath.attach_external(int(found[0]), mode)
+                log.info("NodePort on %s (%s) for %s", name, chosen, ", ".join(self.node_ips))
+
     def register_node(self) -> None:
         """Apply this node's Node object; retried until the registry answers."""
-        node_ip, pod_cidr = detect_addresses(self.cfg.bridge)
+        node_ip = self.node_ips[0] if self.node_ips else ""
+        pod_cidr = detect_links(self.cfg.bridge).pod_cidr
         node = pb.Node(api_version="v1", kind="Node")
         node.metadata.name = self.cfg.node
         ip = self.cfg.node_ip or node_ip
@@ -138,6 +180,7 @@ class Agent:
         log.info(
             "node %s: pins in %s, pod bridge %s", self.cfg.node, self.cfg.pins, self.cfg.bridge
         )
+        self.attach_external()
         self.ports.start()
         threading.Thread(target=self.register_node, name="register", daemon=True).start()
         for w in self.watchers:

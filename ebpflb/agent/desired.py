@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ebpflb.agent.healthcheck import HealthCheck
@@ -31,44 +31,55 @@ def affinity_timeout(svc: pb.Service) -> int:
     return cfg.timeout_seconds if cfg.HasField("timeout_seconds") else DEFAULT_AFFINITY_TIMEOUT
 
 
+def _backends(
+    port: pb.ServicePort, slices: list[pb.EndpointSlice], node: str, local_only: bool
+) -> tuple[Backend, ...]:
+    """The ready endpoints of one service port (name and protocol match); with none
+    ready, the serving terminating ones take over, as kube-proxy does. local_only keeps
+    this node's (a traffic policy of Local)."""
+    protocol = port.protocol or "TCP"
+    ready: list[Backend] = []
+    fallback: list[Backend] = []
+    for es in slices:
+        for ep_port in es.ports:
+            if ep_port.name != port.name or (ep_port.protocol or "TCP") != protocol:
+                continue
+            for ep in es.endpoints:
+                local = ep.node_name == node
+                if not ep.addresses or (local_only and not local):
+                    continue
+                b = Backend(ep.addresses[0], ep_port.port, local=local)
+                if endpoint_ready(ep):
+                    ready.append(b)
+                elif endpoint_serving(ep) and ep.conditions.terminating:
+                    fallback.append(b)
+    return tuple(ready or fallback)
+
+
 def service_frontends(
-    svc: pb.Service, slices: Iterable[pb.EndpointSlice], node: str
+    svc: pb.Service, slices: Iterable[pb.EndpointSlice], node: str, node_ips: Sequence[str] = ()
 ) -> list[Frontend]:
-    """One frontend per service port on the ClusterIP; backends are the ready endpoints
-    of that port (name and protocol match). With none ready, the serving terminating
-    ones take over, as kube-proxy does. internalTrafficPolicy=Local keeps this node's."""
+    """The ClusterIP frontend of every service port (internalTrafficPolicy=Local keeps
+    this node's endpoints), and for a NodePort Service one frontend per node address and
+    port (externalTrafficPolicy=Local keeps this node's endpoints: the client's address
+    is kept; Cluster takes all, and the datapath SNATs to the node for remote ones)."""
     spec = svc.spec
-    if spec.cluster_ip in ("", "None") or spec.type not in ("", "ClusterIP", "NodePort"):
+    if spec.type not in ("", "ClusterIP", "NodePort"):
         return []
     slices = list(slices)
-    local_only = spec.internal_traffic_policy == "Local"
+    affinity = affinity_timeout(svc)
     out = []
     for port in spec.ports:
         protocol = port.protocol or "TCP"
-        ready: list[Backend] = []
-        fallback: list[Backend] = []
-        for es in slices:
-            for ep_port in es.ports:
-                if ep_port.name != port.name or (ep_port.protocol or "TCP") != protocol:
-                    continue
-                for ep in es.endpoints:
-                    if not ep.addresses or (local_only and ep.node_name != node):
-                        continue
-                    b = Backend(ep.addresses[0], ep_port.port)
-                    if endpoint_ready(ep):
-                        ready.append(b)
-                    elif endpoint_serving(ep) and ep.conditions.terminating:
-                        fallback.append(b)
-        backends = ready or fallback
-        out.append(
-            Frontend(
-                vip=spec.cluster_ip,
-                port=port.port,
-                protocol=protocol,
-                backends=tuple(sorted(set(backends), key=lambda b: (b.ip, b.port))),
-                affinity_timeout=affinity_timeout(svc),
+        if spec.cluster_ip not in ("", "None"):
+            backends = _backends(port, slices, node, spec.internal_traffic_policy == "Local")
+            out.append(Frontend(spec.cluster_ip, port.port, protocol, backends, affinity))
+        if spec.type == "NodePort" and port.node_port:
+            backends = _backends(port, slices, node, spec.external_traffic_policy == "Local")
+            out.extend(
+                Frontend(ip, port.node_port, protocol, backends, affinity, nodeport=True)
+                for ip in node_ips
             )
-        )
     return out
 
 
@@ -94,6 +105,7 @@ class DesiredState:
     Knows nothing of maps: the Programmer turns frontends into entries."""
 
     node: str
+    node_ips: tuple[str, ...] = ()  # where NodePort frontends listen
     services: dict[Key, pb.Service] = field(default_factory=dict)
     slices: dict[Key, pb.EndpointSlice] = field(default_factory=dict)
     _slices_of: dict[Key, set[Key]] = field(default_factory=dict)  # service -> its slices
@@ -149,7 +161,7 @@ class DesiredState:
             if svc is None:
                 continue
             slices = [self.slices[k] for k in sorted(self._slices_of.get(key, set()))]
-            self._frontends[key] = service_frontends(svc, slices, self.node)
+            self._frontends[key] = service_frontends(svc, slices, self.node, self.node_ips)
             check = health_check(svc, slices, self.node)
             if check is not None:
                 self._health[key] = (svc.spec.health_check_node_port, check)

@@ -1,4 +1,4 @@
-"""The eBPF datapath: the tc program's loader, maps, map programmer, conntrack GC, test runner."""
+"""The eBPF datapath: loader, maps, map programmer, node settings, conntrack GC, test runner."""
 
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer, SyncStats
 

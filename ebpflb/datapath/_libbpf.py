@@ -18,6 +18,10 @@ BPF_MAP_TYPE_LRU_HASH = 9
 
 BPF_OBJ_NAME_LEN = 16
 
+# linux/if_link.h
+XDP_FLAGS_SKB_MODE = 1 << 1  # generic XDP
+XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP
+
 
 class MapInfo(ctypes.Structure):
     """The head of struct bpf_map_info (linux/bpf.h); the kernel fills what fits."""
@@ -36,6 +40,28 @@ class MapInfo(ctypes.Structure):
         ("value_size", c_uint32),
         ("max_entries", c_uint32),
         ("map_flags", c_uint32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of struct bpf_prog_info (linux/bpf.h), up to the name."""
+
+    type: int
+    id: int
+    name: bytes
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", c_uint32),
+        ("xlated_prog_len", c_uint32),
+        ("jited_prog_insns", c_uint64),
+        ("xlated_prog_insns", c_uint64),
+        ("load_time", c_uint64),
+        ("created_by_uid", c_uint32),
+        ("nr_map_ids", c_uint32),
+        ("map_ids", c_uint64),
         ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
     ]
 
@@ -94,6 +120,10 @@ def lib() -> ctypes.CDLL:
         "bpf_obj_pin": [c_int, c_char_p],
         "bpf_obj_get_info_by_fd": [c_int, c_void_p, POINTER(c_uint32)],
         "bpf_prog_test_run_opts": [c_int, POINTER(TestRunOpts)],
+        "bpf_xdp_attach": [c_int, c_int, c_uint32, c_void_p],
+        "bpf_xdp_detach": [c_int, c_uint32, c_void_p],
+        "bpf_xdp_query_id": [c_int, c_int, POINTER(c_uint32)],
+        "bpf_prog_get_fd_by_id": [c_uint32],
         "bpf_map_lookup_batch": [
             c_int,
             c_void_p,
@@ -128,6 +158,33 @@ def map_info(fd: int) -> MapInfo:
     size = c_uint32(ctypes.sizeof(info))
     check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
     return info
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    """Attach (or replace) the XDP program of ifindex in the mode flags says."""
+    check(lib().bpf_xdp_attach(ifindex, prog_fd, flags, None), f"XDP attach to {ifindex}")
+
+
+def xdp_detach(ifindex: int, flags: int) -> None:
+    check(lib().bpf_xdp_detach(ifindex, flags, None), f"XDP detach from {ifindex}")
+
+
+def xdp_prog_name(ifindex: int, flags: int) -> str | None:
+    """Name of the XDP program attached to ifindex in that mode, None if there is none."""
+    prog_id = c_uint32(0)
+    check(lib().bpf_xdp_query_id(ifindex, flags, ctypes.byref(prog_id)), f"XDP query {ifindex}")
+    if not prog_id.value:
+        return None
+    fd = lib().bpf_prog_get_fd_by_id(prog_id.value)
+    if fd < 0:
+        return None  # detached meanwhile
+    try:
+        info = ProgInfo()
+        size = c_uint32(ctypes.sizeof(info))
+        check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "info")
+    finally:
+        os.close(fd)
+    return info.name.decode(errors="replace")
 
 
 @cache

@@ -17,10 +17,12 @@ from ebpflb.datapath.loader import Datapath, DatapathConfig, remove_pins
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 
 CLIENT, VIP, BACKEND, OTHER = "10.244.0.5", "10.96.0.10", "10.244.0.21", "10.244.0.99"
+NODE_IP, EXTERNAL = "192.168.50.10", "192.168.50.200"
 EMPTY_PROGRAM = b"""
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
 int empty(struct __sk_buff *skb) { return TC_ACT_OK; }
+int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }
 """
 
 
@@ -46,16 +48,18 @@ def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: int = 0x10) -> 
     return eth + ip + tcp
 
 
-def _avg(fd: int, frame: bytes, repeat: int) -> float:
-    return float(testrun.run(fd, frame, repeat)[2])
+def _avg(fd: int, frame: bytes, repeat: int, xdp: bool = False) -> float:
+    return float(testrun.run(fd, frame, repeat, xdp=xdp)[2])
 
 
 def _median_single(fd: int, frames: list[bytes]) -> float:
     return statistics.median(testrun.run(fd, f, 1)[2] for f in frames)
 
 
-def measure(dp: Datapath, empty_fd: int, services: int, repeat: int) -> dict[str, float]:
-    """ns per packet for each path, minus the empty program's cost."""
+def measure(
+    dp: Datapath, empty_fd: int, empty_xdp_fd: int, services: int, repeat: int
+) -> dict[str, float]:
+    """ns per packet for each path, minus the empty program's cost (of the same type)."""
     fd = dp.prog_fd
     dp.maps.clear()
     programmer = Programmer(dp)
@@ -66,6 +70,9 @@ def measure(dp: Datapath, empty_fd: int, services: int, repeat: int) -> dict[str
         Frontend(VIP, 80, "TCP", (Backend(BACKEND, 8080),)),
         Frontend(BACKEND, 8080, "TCP", (Backend(VIP, 80),)),
         Frontend(VIP, 81, "TCP", (Backend(VIP, 81),)),  # its own backend: nothing to rewrite
+        # NodePort to a local backend, and back the same way (external interface programs).
+        Frontend(NODE_IP, 30080, "TCP", (Backend(BACKEND, 8081, local=True),), nodeport=True),
+        Frontend(BACKEND, 8081, "TCP", (Backend(NODE_IP, 30080, local=True),), nodeport=True),
     ]
     filler = Backend("10.244.200.1", 80)
     frontends += [
@@ -78,6 +85,11 @@ def measure(dp: Datapath, empty_fd: int, services: int, repeat: int) -> dict[str
     testrun.run(fd, tcp_frame(CLIENT, VIP, 40000, 80, 0x02), 1)  # create both flows
     testrun.run(fd, tcp_frame(CLIENT, BACKEND, 40000, 8080, 0x02), 1)
     testrun.run(fd, tcp_frame(CLIENT, VIP, 40000, 81, 0x02), 1)
+    xdp_fd, ext_tc_fd = dp.external_fd("xdp"), dp.external_fd("tc")
+    testrun.run(ext_tc_fd, tcp_frame(EXTERNAL, NODE_IP, 40000, 30080, 0x02), 1)
+    testrun.run(ext_tc_fd, tcp_frame(EXTERNAL, BACKEND, 40000, 8081, 0x02), 1)
+    nodeport = tcp_frame(EXTERNAL, NODE_IP, 40000, 30080)
+    empty_xdp = _avg(empty_xdp_fd, nodeport, repeat, xdp=True)
 
     empty_avg = _avg(empty_fd, tcp_frame(CLIENT, OTHER, 40000, 80), repeat)
     misses = [tcp_frame(CLIENT, VIP, 20000 + i, 80, 0x02) for i in range(2000)]
@@ -90,6 +102,13 @@ def measure(dp: Datapath, empty_fd: int, services: int, repeat: int) -> dict[str
         "reverse NAT": _avg(fd, tcp_frame(BACKEND, CLIENT, 8080, 40000), repeat),
     }
     result = {k: v - empty_avg for k, v in raw.items() if k != "empty program"}
+    result["NodePort DNAT, conntrack hit (tc)"] = _avg(ext_tc_fd, nodeport, repeat) - empty_avg
+    result["NodePort DNAT, conntrack hit (XDP)"] = (
+        _avg(xdp_fd, nodeport, repeat, xdp=True) - empty_xdp
+    )
+    result["no NodePort (XDP)"] = (
+        _avg(xdp_fd, tcp_frame(EXTERNAL, OTHER, 40000, 80), repeat, xdp=True) - empty_xdp
+    )
     result["conntrack miss (new flow)"] = _median_single(fd, misses) - empty_single
     result["empty program (absolute)"] = empty_avg
     return result
@@ -106,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     empty: Any = BPF(text=EMPTY_PROGRAM)
     empty_fd = int(empty.load_func(b"empty", BPF.SCHED_CLS).fd)
+    empty_xdp_fd = int(empty.load_func(b"empty_xdp", BPF.XDP).fd)
     pin_dir = Path("/sys/fs/bpf") / f"ebpflb-bench-{secrets.token_hex(4)}"
     config = DatapathConfig(max_services=max(131072, max(counts) + 16))
     dp = Datapath(pin_dir, config)
     try:
-        table = {n: measure(dp, empty_fd, n, args.repeat) for n in counts}
+        table = {n: measure(dp, empty_fd, empty_xdp_fd, n, args.repeat) for n in counts}
     finally:
         dp.close(cleanup=True)
         remove_pins(pin_dir)

@@ -10,6 +10,7 @@ from ebpflb.datapath.structs import (
     CT_F_CLOSING,
     CT_F_ESTABLISHED,
     CT_F_HAIRPIN,
+    CT_F_SNAT,
     CT_REVERSE,
     PROTOCOL_NAMES,
     SVC_F_AFFINITY,
@@ -85,10 +86,11 @@ class CtEntry:
     protocol: str
     src: str  # "ip:port" as the key has it
     dst: str
-    nat: str  # forward: backend ip:port; reverse: VIP ip:port
+    nat: str  # forward: backend ip:port (new destination); reverse: VIP ip:port (new source)
+    nat_peer: str  # forward: new source (client, hairpin or SNAT); reverse: client (new dest)
     svc_id: int
     backend_id: int
-    state: str  # "syn", "established", "closing", "udp"; "+hairpin"
+    state: str  # "syn", "established", "closing", "udp"; "+hairpin", "+snat"
     age_s: float
     lifetime_s: int
     expired: bool
@@ -110,6 +112,8 @@ def entries(maps: LbMaps, now: int | None = None) -> list[CtEntry]:
             state = "syn"
         if v.flags & CT_F_HAIRPIN:
             state += "+hairpin"
+        if v.flags & CT_F_SNAT:
+            state += "+snat"
         out.append(
             CtEntry(
                 direction="reverse" if k.dir == CT_REVERSE else "forward",
@@ -117,6 +121,7 @@ def entries(maps: LbMaps, now: int | None = None) -> list[CtEntry]:
                 src=f"{be32_to_ip(k.saddr)}:{be16_to_port(k.sport)}",
                 dst=f"{be32_to_ip(k.daddr)}:{be16_to_port(k.dport)}",
                 nat=f"{be32_to_ip(v.addr)}:{be16_to_port(v.port)}",
+                nat_peer=f"{be32_to_ip(v.nat_addr)}:{be16_to_port(v.nat_port)}",
                 svc_id=v.svc_id,
                 backend_id=v.backend_id,
                 state=state,

@@ -15,6 +15,7 @@ from ebpflb.datapath.structs import (
     CtValue,
     IdState,
     MemberKey,
+    NodeConfig,
     SlotKey,
     SvcKey,
     SvcValue,
@@ -68,4 +69,5 @@ def fake_maps() -> LbMaps:
         conntrack=DictMap(CtKey, CtValue, "conntrack"),
         affinity=DictMap(AffinityKey, AffinityValue, "affinity"),
         id_state=DictMap(U32, IdState, "id_state"),
+        node_config=DictMap(U32, NodeConfig, "node_config"),
     )

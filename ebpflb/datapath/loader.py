@@ -1,4 +1,5 @@
-"""Compiles bpf/lb_tc.c with bcc, pins (or adopts) its maps per instance, attaches it to veths."""
+"""Compiles bpf/lb_kern.c with bcc, pins (or adopts) its maps, attaches it to pod veths (tc) and to
+the node's external interfaces (XDP or tc)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,63 @@ import ipaddress
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf
+from ebpflb.datapath import _libbpf, ifaces, node
 from ebpflb.datapath.conntrack import GcStats, collect
 from ebpflb.datapath.maps import MAP_SPECS, LbMaps
+from ebpflb.datapath.structs import IF_F_NO_XDP_TX, IF_F_PARTIAL_CSUM
 
 log = logging.getLogger(__name__)
 
 Direction = Literal["ingress", "egress"]
+ExternalMode = Literal["xdp", "xdp-generic", "tc"]
+EXTERNAL_MODES: tuple[ExternalMode, ...] = get_args(ExternalMode)
 
 # The entry point per tc hook: from_pod balances and reverse-NATs at the pod
 # veth's ingress; to_pod only reverse-NATs (replies from other nodes) at egress.
 PROGRAMS: dict[Direction, str] = {"ingress": "from_pod", "egress": "to_pod"}
+# External interfaces: nodeport_xdp is the fast path; nodeport_tc runs at tc
+# ingress alone ("tc" mode) or behind XDP, for what XDP hands on (see bpf/xdp.h).
+XDP_PROGRAM = "nodeport_xdp"
+EXTERNAL_TC_PROGRAM = "nodeport_tc"
+XDP_FLAGS: dict[ExternalMode, int] = {
+    "xdp": _libbpf.XDP_FLAGS_DRV_MODE,
+    "xdp-generic": _libbpf.XDP_FLAGS_SKB_MODE,
+}
 TC_PARENTS: dict[Direction, str] = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
 FILTER_PRIO = 1
 FILTER_HANDLE = ":1"
+
+# The mode attach_external() picks per driver, from what python -m
+# ebpflb.datapath.nodeport_bench measured (see bpf/README.md). Native XDP
+# where the driver has it and hands XDP whole checksums (virtio_net turns the
+# host's checksum offload off while XDP runs); tc on a veth; tc for drivers
+# not known to have native XDP.
+DEFAULT_MODES: dict[str, ExternalMode] = {
+    "veth": "tc",
+    "virtio_net": "xdp",
+    "ixgbe": "xdp",
+    "i40e": "xdp",
+    "ice": "xdp",
+    "mlx5_core": "xdp",
+    "mlx4_en": "xdp",
+    "bnxt_en": "xdp",
+    "ena": "xdp",
+    "igb": "xdp",
+    "igc": "xdp",
+    "gve": "xdp",
+}
+
+
+def default_external_mode(ifname: str) -> ExternalMode:
+    """The faster NodePort mode for the interface's kind, by its driver (see DEFAULT_MODES)."""
+    return DEFAULT_MODES.get(ifaces.driver(ifname), "tc")
+
 
 BPFFS_MAGIC_NAME = "bpf"
 
@@ -62,6 +101,7 @@ class DatapathConfig:
             "affinity": self.max_affinity,
             "counters": 1,
             "id_state": 1,
+            "node_config": 1,
         }[map_name]
 
     def cflags(self, pin_dir: Path) -> list[str]:
@@ -86,15 +126,20 @@ class DatapathConfig:
         return [f"-D{k}={v}" for k, v in defines.items()]
 
 
+MAIN_SOURCE = "lb_kern.c"
+
+
 def find_bpf_dir() -> Path:
-    """The folder of lb_tc.c: $EBPFLB_BPF_DIR, else the repository's bpf/ (editable install)."""
+    """The folder of lb_kern.c: $EBPFLB_BPF_DIR, else the repository's bpf/ (editable install)."""
     here = Path(__file__).resolve().parent
     candidates = [Path(os.environ["EBPFLB_BPF_DIR"])] if "EBPFLB_BPF_DIR" in os.environ else []
     candidates += [here.parents[1] / "bpf", here / "bpf"]
     for c in candidates:
-        if (c / "lb_tc.c").is_file():
+        if (c / MAIN_SOURCE).is_file():
             return c
-    raise DatapathError(f"bpf/lb_tc.c not found (looked in {', '.join(map(str, candidates))})")
+    raise DatapathError(
+        f"bpf/{MAIN_SOURCE} not found (looked in {', '.join(map(str, candidates))})"
+    )
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -188,20 +233,24 @@ def remove_pins(pin_dir: str | os.PathLike[str]) -> None:
 
 
 class Datapath:
-    """One loaded instance of the datapath: program, maps pinned under pin_dir, tc attachments.
+    """One loaded instance of the datapath: programs, maps pinned under pin_dir, attachments.
 
-    from_pod (tc ingress of a pod's host veth) DNATs TCP/UDP to a frontend,
-    reverse-NATs replies of balanced flows, refuses clients of frontends
-    without backends (RST / ICMP port unreachable) and leaves every other
-    packet byte for byte as it was. IPv4 fragments are among those left alone:
-    only the first carries ports, so they cannot be balanced without
-    reassembly (a fragmented datagram to a VIP is lost). to_pod (tc egress)
-    only reverse-NATs, for replies from backends on other nodes.
+    Pod veths (attach): from_pod (tc ingress of a pod's host veth) DNATs TCP/UDP to a
+    frontend, reverse-NATs replies of balanced flows, refuses clients of frontends
+    without backends (RST / ICMP port unreachable) and leaves every other packet byte
+    for byte as it was. IPv4 fragments are among those left alone: only the first
+    carries ports, so they cannot be balanced without reassembly (a fragmented datagram
+    to a VIP is lost). to_pod (tc egress) only reverse-NATs, for replies from backends
+    on other nodes.
 
-    Maps already pinned under pin_dir are adopted (a restarted agent keeps
-    every flow); the program stays attached, and working, after close() unless
-    cleanup is asked for. attach()/detach() act on the network namespace of
-    the calling thread: call them from inside the node's namespace.
+    External interfaces (attach_external): NodePort frontends, in XDP, in tc, or in XDP
+    with tc behind it for what XDP cannot finish. They need the node's addresses
+    (set_node).
+
+    Maps already pinned under pin_dir are adopted (a restarted agent keeps every flow);
+    the programs stay attached, and working, after close() unless cleanup is asked for.
+    Attaching and detaching act on the network namespace of the calling thread: call
+    them from inside the node's namespace.
     """
 
     def __init__(
@@ -222,18 +271,20 @@ class Datapath:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         check_pins(self.pin_dir, self.config, replace=replace_incompatible)
 
-        source = render_source((bpf_dir or find_bpf_dir()) / "lb_tc.c")
+        source = render_source((bpf_dir or find_bpf_dir()) / MAIN_SOURCE)
         self._bpf: Any = BPF(text=source.encode(), cflags=self.config.cflags(self.pin_dir))
         try:
             self._fns = {
                 name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
-                for name in PROGRAMS.values()
+                for name in (*PROGRAMS.values(), EXTERNAL_TC_PROGRAM)
             }
+            self._fns[XDP_PROGRAM] = self._bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP)
             self.maps = LbMaps.open(self.pin_dir)
         except BaseException:
             self._bpf.cleanup()
             raise
         self._attached: set[tuple[int, Direction]] = set()
+        self._external: dict[int, ExternalMode] = {}
         self._closed = False
 
     @property
@@ -244,16 +295,35 @@ class Datapath:
     def program_fd(self, direction: Direction) -> int:
         return int(self._fns[PROGRAMS[direction]].fd)
 
+    def external_fd(self, hook: Literal["xdp", "tc"]) -> int:
+        """fd of nodeport_xdp or nodeport_tc (for BPF_PROG_TEST_RUN)."""
+        return int(self._fns[XDP_PROGRAM if hook == "xdp" else EXTERNAL_TC_PROGRAM].fd)
+
     def bcc_table(self, name: str) -> Any:
         """bcc's view of a map (its Key/Leaf ctypes come from the compiled C: the layout test)."""
         return self._bpf[name.encode()]
 
+    # -- pod veths --------------------------------------------------------
+
     def attach(self, ifindex: int, direction: Direction = "ingress") -> None:
         """Attach at tc ingress (from_pod) or egress (to_pod), replacing our earlier filter."""
+        self._tc_attach(ifindex, direction, PROGRAMS[direction])
+        self._attached.add((ifindex, direction))
+
+    def detach(self, ifindex: int, direction: Direction = "ingress") -> None:
+        """Remove our filter (also one left by an earlier agent); the clsact qdisc too if unused."""
+        self._tc_detach(ifindex, direction)
+        self._attached.discard((ifindex, direction))
+
+    @property
+    def attached(self) -> frozenset[tuple[int, Direction]]:
+        return frozenset(self._attached)
+
+    def _tc_attach(self, ifindex: int, direction: Direction, program: str) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
-        fn = self._fns[PROGRAMS[direction]]
+        fn = self._fns[program]
         name = fn.name.decode() if isinstance(fn.name, bytes) else str(fn.name)
         with IPRoute() as ipr:
             try:
@@ -272,10 +342,8 @@ class Datapath:
                 prio=FILTER_PRIO,
                 direct_action=True,
             )
-        self._attached.add((ifindex, direction))
 
-    def detach(self, ifindex: int, direction: Direction = "ingress") -> None:
-        """Remove our filter (also one left by an earlier agent); the clsact qdisc too if unused."""
+    def _tc_detach(self, ifindex: int, direction: Direction) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -303,11 +371,92 @@ class Datapath:
             except NetlinkError as e:
                 if e.code not in gone:
                     raise
-        self._attached.discard((ifindex, direction))
+
+    # -- the node and its external interfaces ------------------------------
+
+    def set_node(
+        self,
+        node_ips: Sequence[str],
+        snat_ports: tuple[int, int] = node.DEFAULT_SNAT_PORTS,
+    ) -> None:
+        """This node's addresses (the first is the SNAT source of NodePort flows to remote
+        backends) and the SNAT source ports; the external interfaces are kept."""
+        settings = node.with_node_ips(node.read(self.maps.node_config), node_ips, snat_ports)
+        node.write(self.maps.node_config, settings)
+
+    def node_settings(self) -> node.NodeSettings:
+        return node.read(self.maps.node_config)
+
+    def attach_external(
+        self, ifindex: int, mode: ExternalMode | None = None, *, xdp_tx: bool | None = None
+    ) -> ExternalMode:
+        """Serve NodePort frontends on an external interface: nodeport_tc at tc ingress, and
+        in the XDP modes nodeport_xdp before it. mode None: default_external_mode() of the
+        interface's driver. Replaces what an earlier call (or agent) attached; returns the
+        mode.
+
+        xdp_tx: whether XDP may transmit (XDP_TX) here; None: yes, except native XDP on a
+        veth whose peer runs no native XDP program (the veth drops XDP_TX frames then).
+        Without it XDP still DNATs to local backends and tc transmits the rest."""
+        name = ifaces.ifname(ifindex)
+        kind = ifaces.driver(name)
+        if mode is None:
+            mode = DEFAULT_MODES.get(kind, "tc")
+        if mode not in EXTERNAL_MODES:
+            raise ValueError(f"mode {mode!r} is not one of {EXTERNAL_MODES}")
+        flags = IF_F_PARTIAL_CSUM if kind == "veth" else 0
+        if xdp_tx is None:
+            xdp_tx = not (
+                mode == "xdp" and kind == "veth" and not ifaces.veth_peer_has_native_xdp(ifindex)
+            )
+        if not xdp_tx:
+            flags |= IF_F_NO_XDP_TX
+        settings = node.read(self.maps.node_config)
+        node.write(self.maps.node_config, node.with_interface(settings, ifindex, flags))
+
+        # tc first: XDP hands it packets as soon as XDP is there.
+        self._external[ifindex] = mode
+        self._tc_attach(ifindex, "ingress", EXTERNAL_TC_PROGRAM)
+        for other, xdp_flags in XDP_FLAGS.items():
+            if other != mode:
+                self._xdp_detach_ours(ifindex, xdp_flags)
+        if mode in XDP_FLAGS:
+            try:
+                _libbpf.xdp_attach(ifindex, int(self._fns[XDP_PROGRAM].fd), XDP_FLAGS[mode])
+            except _libbpf.BpfError as e:
+                self.detach_external(ifindex)
+                raise DatapathError(f"{mode} on {name} ({kind or 'no driver'}): {e}") from e
+        log.info("NodePort on %s (%s): %s%s", name, kind, mode, "" if xdp_tx else ", no XDP_TX")
+        return mode
+
+    def detach_external(self, ifindex: int) -> None:
+        """Remove what attach_external put on the interface (also an earlier agent's)."""
+        for xdp_flags in XDP_FLAGS.values():
+            self._xdp_detach_ours(ifindex, xdp_flags)
+        self._tc_detach(ifindex, "ingress")
+        settings = node.read(self.maps.node_config)
+        if ifindex in settings.interfaces:
+            node.write(self.maps.node_config, node.with_interface(settings, ifindex, None))
+        self._external.pop(ifindex, None)
+
+    def _xdp_detach_ours(self, ifindex: int, xdp_flags: int) -> None:
+        """Detach the XDP program of that mode if it is nodeport_xdp (ours, or an earlier
+        agent's); anything else is left alone."""
+        try:
+            name = _libbpf.xdp_prog_name(ifindex, xdp_flags)
+        except _libbpf.BpfError as e:
+            if e.errno == errno.ENODEV:
+                return
+            raise
+        if name == XDP_PROGRAM[: _libbpf.BPF_OBJ_NAME_LEN - 1]:
+            _libbpf.xdp_detach(ifindex, xdp_flags)
 
     @property
-    def attached(self) -> frozenset[tuple[int, Direction]]:
-        return frozenset(self._attached)
+    def external(self) -> dict[int, ExternalMode]:
+        """External interfaces this instance attached to, and their modes."""
+        return dict(self._external)
+
+    # -- reading and cleaning up --------------------------------------------
 
     def counters(self) -> dict[str, int]:
         """The datapath's counters summed over CPUs."""
@@ -329,6 +478,11 @@ class Datapath:
                         self.detach(ifindex, direction)
                     except Exception as e:  # keep cleaning up
                         log.warning("detach from %s %s failed: %s", ifindex, direction, e)
+                for ifindex in sorted(self._external):
+                    try:
+                        self.detach_external(ifindex)
+                    except Exception as e:
+                        log.warning("detach from external %s failed: %s", ifindex, e)
         finally:
             self.maps.close()
             self._bpf.cleanup()

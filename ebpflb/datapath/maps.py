@@ -24,6 +24,7 @@ from ebpflb.datapath.structs import (
     CtValue,
     IdState,
     MemberKey,
+    NodeConfig,
     SlotKey,
     SvcKey,
     SvcValue,
@@ -42,9 +43,17 @@ _CODES: dict[Any, str] = {
 }
 
 
+def _code(t: Any) -> str:
+    """struct module code of a ctypes integer type, or of an array of them (one int each)."""
+    if issubclass(t, ctypes.Array):
+        return str(_CODES[t._type_] * t._length_)
+    return _CODES[t]
+
+
 def struct_format(t: type[ctypes.Structure]) -> struct.Struct:
-    """A struct.Struct reading t's fields as plain ints (t has no implicit padding)."""
-    fmt = struct.Struct("=" + "".join(_CODES[f[1]] for f in t._fields_))
+    """A struct.Struct reading t's fields as plain ints, arrays flattened (t has no implicit
+    padding)."""
+    fmt = struct.Struct("=" + "".join(_code(f[1]) for f in t._fields_))
     if fmt.size != ctypes.sizeof(t):
         raise TypeError(f"{t.__name__} has padding the format does not describe")
     return fmt
@@ -263,6 +272,7 @@ MAP_SPECS = (
     MapSpec("affinity", _libbpf.BPF_MAP_TYPE_LRU_HASH, AffinityKey, AffinityValue),
     MapSpec("counters", _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, U32, Counters),
     MapSpec("id_state", _libbpf.BPF_MAP_TYPE_ARRAY, U32, IdState),
+    MapSpec("node_config", _libbpf.BPF_MAP_TYPE_ARRAY, U32, NodeConfig),
 )
 
 
@@ -277,6 +287,7 @@ class LbMaps:
     conntrack: MapLike[CtKey, CtValue]
     affinity: MapLike[AffinityKey, AffinityValue]
     id_state: MapLike[U32, IdState]
+    node_config: MapLike[U32, NodeConfig]
     counters: PerCpuArray[Counters] | None = None
 
     @classmethod
@@ -311,6 +322,7 @@ class LbMaps:
             self.conntrack,
             self.affinity,
             self.id_state,
+            self.node_config,
             self.counters,
         ]
 

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ebpflb.datapath.maps import LbMaps, MapLike
 from ebpflb.datapath.structs import (
+    BE_F_LOCAL,
     PROTOCOL_NAMES,
     PROTOCOLS,
     SVC_F_AFFINITY,
+    SVC_F_NODEPORT,
     U32,
     BackendValue,
     IdState,
@@ -52,31 +54,45 @@ def _port(port: int, what: str) -> None:
 class Backend:
     """One endpoint behind a frontend: pod IP and target port.
 
-    Per-endpoint flags (terminating, node-local) would go here; the map value
-    (struct lb_backend_value) has a flags byte for them.
+    local: the pod runs on this node. Only NodePort frontends look at it: on an
+    external interface a remote backend gets the client SNATed to the node (so
+    that replies come back through it), a local one sees the client's address.
+    A local and a non-local Backend of one endpoint are two map entries.
     """
 
     ip: str
     port: int
+    local: bool = False
 
     def __post_init__(self) -> None:
         _ipv4(self.ip, "backend address")
         _port(self.port, "backend port")
 
-    def sort_key(self) -> tuple[int, int]:
-        return int(ipaddress.IPv4Address(self.ip)), self.port
+    def sort_key(self) -> tuple[int, int, bool]:
+        return int(ipaddress.IPv4Address(self.ip)), self.port, self.local
+
+    @property
+    def flags(self) -> int:
+        """LB_BE_F_* of struct lb_backend_value."""
+        return BE_F_LOCAL if self.local else 0
 
 
 @dataclass(frozen=True)
 class Frontend:
     """A VIP:port/protocol and its backends. Backends are kept sorted and without duplicates
-    (their order means nothing: slots are assigned by the Programmer)."""
+    (their order means nothing: slots are assigned by the Programmer).
+
+    nodeport: a NodePort frontend (vip is one of the node's addresses, port the nodePort). It
+    is balanced on the node's external interfaces too (attach_external), and from pods like
+    any other; without the flag those interfaces leave the address alone.
+    """
 
     vip: str
     port: int
     protocol: str  # "TCP" or "UDP"
     backends: tuple[Backend, ...] = ()
     affinity_timeout: int = 0  # sessionAffinity ClientIP timeout in seconds; 0 = no affinity
+    nodeport: bool = False
 
     def __post_init__(self) -> None:
         _ipv4(self.vip, "frontend address")
@@ -92,6 +108,13 @@ class Frontend:
 
     def sort_key(self) -> tuple[int, int, str]:
         return int(ipaddress.IPv4Address(self.vip)), self.port, self.protocol
+
+    @property
+    def flags(self) -> int:
+        """LB_SVC_F_* of struct lb_svc_value."""
+        return (SVC_F_AFFINITY if self.affinity_timeout else 0) | (
+            SVC_F_NODEPORT if self.nodeport else 0
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,7 @@ class SyncStats:
 # addresses as lb_structs.h stores them):
 SvcK = tuple[int, int, int]  # (vip, port, proto)
 SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
-Endpoint = tuple[int, int, int]  # (addr, port, proto)
+Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
 Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
 
@@ -202,8 +225,7 @@ class Programmer:
         self._svc_ids = {k: v[0] for k, v in self._state.services.items()}
         self._backend_ids: dict[Endpoint, int] = {}
         for bid in sorted(self._state.backends):
-            addr, port, proto, _ = self._state.backends[bid]
-            self._backend_ids.setdefault((addr, port, proto), bid)
+            self._backend_ids.setdefault(self._state.backends[bid], bid)
 
     def reload(self) -> None:
         """Forget the image and read the maps again (after a failure, or to repair drift)."""
@@ -226,8 +248,9 @@ class Programmer:
     def service_id(self, vip: str, port: int, protocol: str) -> int | None:
         return self._svc_ids.get((ip_to_be32(vip), port, PROTOCOLS[protocol]))
 
-    def backend_id(self, ip: str, port: int, protocol: str) -> int | None:
-        return self._backend_ids.get((ip_to_be32(ip), port, PROTOCOLS[protocol]))
+    def backend_id(self, ip: str, port: int, protocol: str, local: bool = False) -> int | None:
+        flags = BE_F_LOCAL if local else 0
+        return self._backend_ids.get((ip_to_be32(ip), port, PROTOCOLS[protocol], flags))
 
     # -- writing ----------------------------------------------------------
 
@@ -257,11 +280,11 @@ class Programmer:
                 svc_id = self._svc_ids[key] = self._alloc_svc()
             bids = []
             for b in fe.backends:
-                ep = (ip_to_be32(b.ip), b.port, proto)
+                ep = (ip_to_be32(b.ip), b.port, proto, b.flags)
                 bid = self._backend_ids.get(ep)
                 if bid is None:
                     bid = self._backend_ids[ep] = self._alloc_backend()
-                want.backends[bid] = (*ep, 0)
+                want.backends[bid] = ep
                 bids.append(bid)
             current = self._state.services.get(key)
             old_count = current[1] if current and current[0] == svc_id else 0
@@ -269,8 +292,7 @@ class Programmer:
             for slot, bid in enumerate(assign_slots(old, bids)):
                 want.slots[(svc_id, slot)] = bid
                 want.members[(svc_id, bid)] = slot
-            flags = SVC_F_AFFINITY if fe.affinity_timeout else 0
-            want.services[key] = (svc_id, len(bids), flags, fe.affinity_timeout)
+            want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout)
         return want
 
     def _sync(self, frontends: list[Frontend]) -> SyncStats:
@@ -303,8 +325,8 @@ class Programmer:
         """The frontends the maps hold now (read from the maps, not from this object's image)."""
         m = self._maps
         backends = {
-            bid: Backend(be32_to_ip(addr), ntohs(port))
-            for (bid,), (addr, port, _, _) in m.backends.rows()
+            bid: Backend(be32_to_ip(addr), ntohs(port), local=bool(flags & BE_F_LOCAL))
+            for (bid,), (addr, port, _, flags) in m.backends.rows()
         }
         slots = {key: bid for key, (bid,) in m.service_backends.rows()}
         out = []
@@ -324,6 +346,7 @@ class Programmer:
                     protocol=PROTOCOL_NAMES.get(proto, str(proto)),
                     backends=tuple(found),
                     affinity_timeout=timeout if flags & SVC_F_AFFINITY else 0,
+                    nodeport=bool(flags & SVC_F_NODEPORT),
                 )
             )
         return sorted(out, key=Frontend.sort_key)

@@ -13,12 +13,21 @@ PROTOCOLS = {"TCP": IPPROTO_TCP, "UDP": IPPROTO_UDP}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 SVC_F_AFFINITY = 0x1
+SVC_F_NODEPORT = 0x2
+
+BE_F_LOCAL = 0x1
 
 CT_FORWARD = 0
 CT_REVERSE = 1
 CT_F_HAIRPIN = 0x1
 CT_F_ESTABLISHED = 0x2
 CT_F_CLOSING = 0x4
+CT_F_SNAT = 0x8
+
+MAX_NODE_IPS = 4
+MAX_EXT_IFACES = 8
+IF_F_PARTIAL_CSUM = 0x1
+IF_F_NO_XDP_TX = 0x2
 
 
 def ip_to_be32(ip: str) -> int:
@@ -127,20 +136,26 @@ class CtValue(ctypes.Structure):
     svc_id: int
     backend_id: int
     addr: int
-    client: int
+    nat_addr: int
     port: int
+    nat_port: int
     flags: int
     pad: int
+    pad2: int
+    pad3: int
     _fields_ = [
         ("last_seen", c_uint64),
         ("lifetime", c_uint32),
         ("svc_id", c_uint32),
         ("backend_id", c_uint32),
         ("addr", c_uint32),
-        ("client", c_uint32),
+        ("nat_addr", c_uint32),
         ("port", c_uint16),
+        ("nat_port", c_uint16),
         ("flags", c_uint8),
         ("pad", c_uint8),
+        ("pad2", c_uint16),
+        ("pad3", c_uint32),
     ]
 
 
@@ -177,6 +192,15 @@ COUNTER_FIELDS = (
     "affinity_hits",
     "no_backend",
     "errors",
+    "nodeport_xdp",
+    "nodeport_tc",
+    "xdp_pass_to_tc",
+    "snat",
+    "rev_snat",
+    "snat_no_port",
+    "fib_redirect",
+    "fib_redirect_neigh",
+    "fib_fail",
 )
 
 
@@ -184,6 +208,25 @@ class Counters(ctypes.Structure):
     """Must match struct lb_counters in bpf/lb_structs.h (one CPU's copy)."""
 
     _fields_ = [(name, c_uint64) for name in COUNTER_FIELDS]
+
+
+class NodeConfig(ctypes.Structure):
+    """Must match struct lb_node_config in bpf/lb_structs.h."""
+
+    node_ips: ctypes.Array[c_uint32]
+    ext_ifindex: ctypes.Array[c_uint32]
+    ext_flags: ctypes.Array[c_uint32]
+    snat_port_min: int
+    snat_port_max: int
+    pad: int
+    _fields_ = [
+        ("node_ips", c_uint32 * MAX_NODE_IPS),
+        ("ext_ifindex", c_uint32 * MAX_EXT_IFACES),
+        ("ext_flags", c_uint32 * MAX_EXT_IFACES),
+        ("snat_port_min", c_uint16),
+        ("snat_port_max", c_uint16),
+        ("pad", c_uint32),
+    ]
 
 
 class IdState(ctypes.Structure):

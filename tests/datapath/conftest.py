@@ -78,11 +78,17 @@ class Lab:
     def sync(self, *frontends: Frontend) -> SyncStats:
         return self.programmer.sync(frontends)
 
-    def run(self, frame: bytes) -> tuple[int, bytes]:
-        return packets.run(self.dp.prog_fd, frame)
+    def run(self, frame: bytes, ifindex: int = 0) -> tuple[int, bytes]:
+        return packets.run(self.dp.prog_fd, frame, ifindex=ifindex)
 
     def run_egress(self, frame: bytes) -> tuple[int, bytes]:
         return packets.run(self.dp.program_fd("egress"), frame)
+
+    def run_external(self, hook: str, frame: bytes, ifindex: int = 0) -> tuple[int, bytes]:
+        """nodeport_xdp (hook "xdp") or nodeport_tc ("tc"), the frame coming in on ifindex
+        (of the calling thread's namespace)."""
+        fd = self.dp.external_fd("xdp" if hook == "xdp" else "tc")
+        return packets.run(fd, frame, xdp=hook == "xdp", ifindex=ifindex)
 
     def counters(self) -> dict[str, int]:
         return self.dp.counters()

@@ -109,6 +109,15 @@ def ports(frame: bytes) -> tuple[int, int]:
     return sport, dport
 
 
+def with_macs(frame: bytes, src_mac: str, dst_mac: str) -> bytes:
+    """frame with other Ethernet addresses."""
+    return (
+        bytes.fromhex(dst_mac.replace(":", ""))
+        + bytes.fromhex(src_mac.replace(":", ""))
+        + frame[12:]
+    )
+
+
 def dst(frame: bytes) -> tuple[str, int]:
     """(daddr, dport) of a TCP/UDP frame."""
     return ip_addrs(frame)[1], ports(frame)[1]
@@ -153,8 +162,8 @@ def udp_checksum_field(frame: bytes) -> int:
 # -- running -------------------------------------------------------------------
 
 
-def run(prog_fd: int, frame: bytes) -> tuple[int, bytes]:
-    verdict, out, _ = testrun.run(prog_fd, frame)
+def run(prog_fd: int, frame: bytes, *, xdp: bool = False, ifindex: int = 0) -> tuple[int, bytes]:
+    verdict, out, _ = testrun.run(prog_fd, frame, xdp=xdp, ifindex=ifindex)
     return verdict, out
 
 

@@ -63,11 +63,18 @@ def _defines(header: str) -> dict[str, str]:
     ("name", "value"),
     [
         ("LB_SVC_F_AFFINITY", structs.SVC_F_AFFINITY),
+        ("LB_SVC_F_NODEPORT", structs.SVC_F_NODEPORT),
+        ("LB_BE_F_LOCAL", structs.BE_F_LOCAL),
         ("LB_CT_FORWARD", structs.CT_FORWARD),
         ("LB_CT_REVERSE", structs.CT_REVERSE),
         ("LB_CT_F_HAIRPIN", structs.CT_F_HAIRPIN),
         ("LB_CT_F_ESTABLISHED", structs.CT_F_ESTABLISHED),
         ("LB_CT_F_CLOSING", structs.CT_F_CLOSING),
+        ("LB_CT_F_SNAT", structs.CT_F_SNAT),
+        ("LB_MAX_NODE_IPS", structs.MAX_NODE_IPS),
+        ("LB_MAX_EXT_IFACES", structs.MAX_EXT_IFACES),
+        ("LB_IF_F_PARTIAL_CSUM", structs.IF_F_PARTIAL_CSUM),
+        ("LB_IF_F_NO_XDP_TX", structs.IF_F_NO_XDP_TX),
     ],
 )
 def test_flag_values_match_the_header(name: str, value: int) -> None:

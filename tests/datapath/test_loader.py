@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ebpflb.datapath.loader import (
+    MAIN_SOURCE,
     PROGRAMS,
     Datapath,
     DatapathError,
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.datapath
 
 def test_render_source_inlines_every_local_header() -> None:
     bpf = find_bpf_dir()
-    text = render_source(bpf / "lb_tc.c")
+    text = render_source(bpf / MAIN_SOURCE)
     assert '#include "' not in text
     headers = {p.name for p in bpf.glob("*.h")}
     inlined = {

@@ -26,16 +26,18 @@ DESIRED = [
     fe("10.96.0.2", 53, B[3], B[4]),  # TCP and UDP on one port: two frontends
     fe("10.96.0.3", 80, B[5], aff=10800),
     fe("10.96.0.4", 80),  # no backends yet
+    # A NodePort with a backend on this node; B[0] again, as local: another backends entry.
+    Frontend("192.168.50.10", 30080, "TCP", (Backend(B[0].ip, 8080, local=True), B[6]), 0, True),
 ]
 
 
 def test_first_sync_writes_everything_second_nothing(lab: Lab) -> None:
     stats = lab.programmer.sync(DESIRED)
     assert stats == SyncStats(
-        backends_written=8,  # 6 distinct endpoints x protocol (B3, B4 in TCP and UDP)
-        members_written=11,
-        slots_written=11,
-        services_written=6,
+        backends_written=10,  # 8 distinct endpoints x protocol x local (B3, B4 in TCP and UDP)
+        members_written=13,
+        slots_written=13,
+        services_written=7,
     )
     again = lab.programmer.sync(DESIRED)
     assert (again.written, again.deleted) == (0, 0)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ebpflb.datapath import node
 from ebpflb.datapath.fake import DictMap, fake_maps
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer, assign_slots
@@ -64,7 +65,12 @@ def checked_maps() -> LbMaps:
     for name in ("services", "backends", "service_backends", "service_members", "id_state"):
         m = getattr(plain, name)
         checked[name] = CheckedMap(m.key_type, m.value_type, name)
-    maps = LbMaps(conntrack=plain.conntrack, affinity=plain.affinity, **checked)
+    maps = LbMaps(
+        conntrack=plain.conntrack,
+        affinity=plain.affinity,
+        node_config=plain.node_config,
+        **checked,
+    )
     for m in checked.values():
         m.maps = maps
     return maps
@@ -77,7 +83,9 @@ def writes(maps: LbMaps) -> tuple[int, int]:
 
 
 VIPS = ("10.96.0.1", "10.96.0.2")
-PODS = tuple(Backend(f"10.244.0.{i}", p) for i in range(1, 6) for p in (8080, 9090))
+PODS = tuple(Backend(f"10.244.0.{i}", p) for i in range(1, 6) for p in (8080, 9090)) + tuple(
+    Backend(f"10.244.0.{i}", 8080, local=True) for i in range(1, 3)
+)
 
 frontend_st = st.builds(
     Frontend,
@@ -86,6 +94,7 @@ frontend_st = st.builds(
     protocol=st.sampled_from(("TCP", "UDP")),
     backends=st.lists(st.sampled_from(PODS), max_size=6).map(tuple),
     affinity_timeout=st.sampled_from((0, 30)),
+    nodeport=st.booleans(),
 )
 desired_st = st.lists(frontend_st, max_size=6).map(
     lambda fes: list({(f.vip, f.port, f.protocol): f for f in fes}.values())
@@ -159,3 +168,37 @@ SLOTS = [
 )
 def test_assign_slots(old: list[int | None], wanted: list[int], slots: list[int]) -> None:
     assert assign_slots(old, wanted) == slots
+
+
+def test_node_settings_round_trip() -> None:
+    maps = fake_maps()
+    assert node.read(maps.node_config) == node.NodeSettings()
+    want = node.NodeSettings(("192.168.50.10", "10.0.0.1"), (61000, 65535), {7: 3, 3: 1})
+    node.write(maps.node_config, want)
+    got = node.read(maps.node_config)
+    assert got == want
+    assert list(got.interfaces) == [3, 7]
+    without = node.with_interface(got, 7, None)
+    assert without.interfaces == {3: 1} and without.node_ips == want.node_ips
+    moved = node.with_node_ips(without, ["192.168.50.11"], (40000, 40010))
+    assert (moved.node_ips, moved.snat_ports, moved.interfaces) == (
+        ("192.168.50.11",),
+        (40000, 40010),
+        {3: 1},
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"node_ips": ("1.1.1.1",) * 2}, "twice"),
+        ({"node_ips": tuple(f"10.0.0.{i}" for i in range(5))}, "at most 4"),
+        ({"node_ips": ("fd00::1",)}, "IPv4"),
+        ({"snat_ports": (65535, 61000)}, "port range"),
+        ({"snat_ports": (0, 10)}, "port range"),
+        ({"interfaces": dict.fromkeys(range(1, 10), 0)}, "at most 8"),
+    ],
+)
+def test_node_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        node.NodeSettings(**kwargs)  # type: ignore[arg-type]

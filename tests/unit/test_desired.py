@@ -56,8 +56,10 @@ def es(name: str, endpoints: list[dict[str, Any]], ports: list[tuple[str, str, i
 HTTP = [("http", "TCP", 8080)]
 
 
-def frontends(service: pb.Object, *slices: pb.Object, node: str = "n1") -> list[Frontend]:
-    return service_frontends(service.service, [s.endpoint_slice for s in slices], node)
+def frontends(
+    service: pb.Object, *slices: pb.Object, node: str = "n1", node_ips: tuple[str, ...] = ()
+) -> list[Frontend]:
+    return service_frontends(service.service, [s.endpoint_slice for s in slices], node, node_ips)
 
 
 def backends(fs: list[Frontend]) -> list[set[tuple[str, int]]]:
@@ -147,7 +149,7 @@ def test_desired_state_recomputes_only_what_changed_and_relists() -> None:
     state.update(key_of(service), service)
     state.update(key_of(slice_), slice_)
     assert state.dirty
-    assert state.frontends() == [Frontend(VIP, 80, "TCP", (Backend("10.0.0.1", 8080),))]
+    assert state.frontends() == [Frontend(VIP, 80, "TCP", (Backend("10.0.0.1", 8080, local=True),))]
     assert not state.dirty
     # A slice change marks its service; deleting the slice empties the frontend.
     state.update(key_of(slice_), None)
@@ -158,3 +160,41 @@ def test_desired_state_recomputes_only_what_changed_and_relists() -> None:
     assert state.frontends() == []
     state.update(key_of(service), service)
     assert state.frontends() == [Frontend(VIP, 80, "TCP", ())]
+
+
+NODE_IPS = ("192.168.50.10", "192.168.50.11")
+
+
+def nodeport(**spec: Any) -> pb.Object:
+    ports = [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]
+    return svc(ports, type="NodePort", **spec)
+
+
+def test_node_port_frontends_on_every_node_address_with_local_flags() -> None:
+    s = es("web-1", [ep("10.0.0.1", node="n1"), ep("10.0.0.2", node="n2")], HTTP)
+    fs = frontends(nodeport(externalTrafficPolicy="Cluster"), s, node_ips=NODE_IPS)
+    assert [(f.vip, f.port, f.nodeport) for f in fs] == [
+        (VIP, 80, False),
+        ("192.168.50.10", 30080, True),
+        ("192.168.50.11", 30080, True),
+    ]
+    assert {(b.ip, b.local) for b in fs[1].backends} == {("10.0.0.1", True), ("10.0.0.2", False)}
+
+
+def test_external_traffic_policy_local_keeps_only_this_nodes_endpoints() -> None:
+    s = es(
+        "web-1",
+        [
+            ep("10.0.0.1", node="n2"),
+            ep("10.0.0.3", node="n1", ready=False, serving=True, terminating=True),
+        ],
+        HTTP,
+    )
+    fs = frontends(nodeport(externalTrafficPolicy="Local"), s, node_ips=NODE_IPS[:1])
+    cluster_ip, node_port = fs
+    # ClusterIP: cluster-wide, the ready one wins. NodePort: local only, so the local
+    # terminating endpoint is the fallback; on a node with neither, nothing (refused).
+    assert backends([cluster_ip]) == [{("10.0.0.1", 8080)}]
+    assert backends([node_port]) == [{("10.0.0.3", 8080)}]
+    other = frontends(nodeport(externalTrafficPolicy="Local"), s, node="n3", node_ips=NODE_IPS[:1])
+    assert backends(other[1:]) == [set()]
