@@ -38,6 +38,28 @@ _DNS1123_SUBDOMAIN_MSG = (
 )
 
 
+_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f"}
+_GO_ESCAPES |= {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def go_quote(s: str) -> str:
+    """Go's strconv.Quote (`%q`), as Kubernetes quotes a value in a message: never more
+    than one line, whatever s holds."""
+    out = []
+    for c in s:
+        if c in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x80:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) <= 0xFFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return '"' + "".join(out) + '"'
+
+
 def max_len_error(length: int) -> str:
     """Kubernetes' "too long" explanation."""
     return f"must be no more than {length} characters"
@@ -235,7 +257,11 @@ class _Token:
     pos: int
 
     def describe(self) -> str:
-        return "end of string" if self.kind == _END else f'"{self.text}" at position {self.pos}'
+        return (
+            "end of string"
+            if self.kind == _END
+            else f"{go_quote(self.text)} at position {self.pos}"
+        )
 
 
 def _tokens(text: str) -> Iterator[_Token]:
@@ -275,7 +301,7 @@ class _Parser:
         return tok
 
     def error(self, problem: str) -> SelectorError:
-        return SelectorError(f'invalid label selector "{self.text}": {problem}')
+        return SelectorError(f"invalid label selector {go_quote(self.text)}: {problem}")
 
     def expected(self, what: str, tok: _Token) -> SelectorError:
         return self.error(f"expected {what}, found {tok.describe()}")
@@ -355,11 +381,11 @@ class _Parser:
 
     def checked(self, key: str, op: Operator, values: tuple[str, ...]) -> Requirement:
         if errs := label_key_errors(key):
-            raise self.error(f'key "{key}": {"; ".join(errs)}')
+            raise self.error(f"key {go_quote(key)}: {'; '.join(errs)}")
         for v in values:
             if op in (Operator.GREATER_THAN, Operator.LESS_THAN):
                 if not _INTEGER_RE.fullmatch(v):
-                    raise self.error(f'"{op.value}" needs an integer value, not "{v}"')
+                    raise self.error(f'"{op.value}" needs an integer value, not {go_quote(v)}')
             elif errs := label_value_errors(v):
-                raise self.error(f'value "{v}" for key "{key}": {"; ".join(errs)}')
+                raise self.error(f"value {go_quote(v)} for key {go_quote(key)}: {'; '.join(errs)}")
         return Requirement(key, op, values)

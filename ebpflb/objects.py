@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
-from collections.abc import Iterable
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +14,10 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.labels import go_quote
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ KINDS: dict[str, Kind] = {
 _BY_FIELD = {k.field: k for k in KINDS.values()}
 DEFAULT_NAMESPACE = "default"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# The most values a YAML or JSON text may hold once its aliases are expanded: a
+# few anchors can otherwise stand for billions of values (the "billion laughs").
+MAX_VALUES = 1_000_000
 
 
 class ManifestError(ValueError):
@@ -123,11 +131,14 @@ def from_manifest(doc: Any, warnings: list[str] | None = None) -> pb.Object:
     kind = KINDS.get(kind_word)
     if kind is None:
         known = ", ".join(KINDS)
-        raise ManifestError(f'kind: Unsupported value: "{kind_word}": supported values: {known}')
+        raise ManifestError(
+            f"kind: Unsupported value: {go_quote(kind_word)}: supported values: {known}"
+        )
     api_version = doc.get("apiVersion")
     if api_version != kind.api_version:
+        shown = '"None"' if api_version is None else _show(api_version)
         raise ManifestError(
-            f'apiVersion: Invalid value: "{api_version}": {kind.name} is {kind.api_version}'
+            f"apiVersion: Invalid value: {shown}: {kind.name} is {kind.api_version}"
         )
     unknown: list[str] = []
     clean = _clean(doc, kind.message.DESCRIPTOR, "", unknown)  # type: ignore[arg-type]
@@ -135,9 +146,9 @@ def from_manifest(doc: Any, warnings: list[str] | None = None) -> pb.Object:
     try:
         json_format.ParseDict(clean, msg)
     except json_format.ParseError as e:
-        raise ManifestError(str(e)) from None
+        raise ManifestError(_one_line(str(e))) from None
     if warnings is not None:
-        warnings.extend(f'unknown field "{u}"' for u in unknown)
+        warnings.extend(f"unknown field {go_quote(u)}" for u in unknown)
     return wrap(msg)
 
 
@@ -160,9 +171,12 @@ def load_documents(text: str) -> list[dict[str, Any]]:
         if text.lstrip().startswith(("{", "[")):
             docs: list[Any] = [json.loads(text)]
         else:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ManifestError(f"not valid YAML or JSON: {e}") from None
+            docs = [d for d in yaml.load_all(text, Loader=_SafeLoader) if d is not None]
+    except RecursionError:
+        raise ManifestError("not valid YAML or JSON: nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: JSON's errors
+        raise ManifestError(f"not valid YAML or JSON: {_scalar_error(e)}") from None
+    _check_size(docs)
     out: list[dict[str, Any]] = []
     for d in _unpack(docs):
         if not isinstance(d, dict):
@@ -171,14 +185,102 @@ def load_documents(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def _unpack(docs: Iterable[Any]) -> Iterable[Any]:
-    for d in docs:
-        if isinstance(d, list):
-            yield from _unpack(d)
+def _scalar_error(e: Exception) -> str:
+    """The message of a parser's error, one line; Python's limit on digits said plainly."""
+    if "integer string conversion" in str(e):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return _one_line(str(e))
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a scalar its tag cannot hold (`!!int x`, `!!bool ""`,
+    `2024-13-45`, an integer of more than 4300 digits) is a YAMLError that says where,
+    not whatever the tag's constructor happened to raise."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as e:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            value = node.value if isinstance(node.value, str) else ""
+            shown = go_quote(value[:40] + ("..." if len(value) > 40 else ""))
+            problem = f"not a valid {tag}: {shown}"
+            if isinstance(e, ValueError):  # others say nothing a user can act on
+                problem += f": {_scalar_error(e)}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _unpack(docs: list[Any]) -> Iterator[Any]:
+    """The documents with lists and `kind: *List` flattened, in order (a loop, not a
+    recursion: a JSON text may nest lists a thousand deep)."""
+    stack: list[Iterator[Any]] = [iter(docs)]
+    while stack:
+        d = next(stack[-1], _END)
+        if d is _END:
+            stack.pop()
+        elif isinstance(d, list):
+            stack.append(iter(d))
         elif isinstance(d, dict) and isinstance(d.get("kind"), str) and d["kind"].endswith("List"):
-            yield from _unpack(d.get("items") or [])
+            items = d.get("items") or []
+            if not isinstance(items, list):
+                raise ManifestError(f"items: Invalid value: a {d['kind']}'s items must be a list")
+            stack.append(iter(items))
         else:
             yield d
+
+
+_END = object()
+
+
+def _check_size(docs: list[Any]) -> None:
+    """ManifestError when docs hold more than MAX_VALUES values with aliases expanded,
+    or contain themselves (YAML's `&a [*a]`). Linear in the values actually stored."""
+    sizes: dict[int, int] = {}  # id of a list or dict -> its values, aliases expanded
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(docs, False)]
+    while stack:
+        value, done = stack.pop()
+        if done:
+            children = value.values() if isinstance(value, dict) else value
+            total = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if total > MAX_VALUES:
+                raise ManifestError(
+                    f"too large: more than {MAX_VALUES} values once YAML aliases are expanded"
+                )
+            sizes[id(value)] = total
+            on_path.discard(id(value))
+            continue
+        if id(value) in on_path:
+            raise ManifestError("not valid YAML or JSON: a value contains itself (a YAML alias)")
+        if id(value) in sizes:
+            continue
+        on_path.add(id(value))
+        stack.append((value, True))
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, False) for c in children if isinstance(c, dict | list | tuple))
+
+
+# PyYAML's mark: `in "<unicode string>", line 1, column 5:` (the source line follows).
+_MARK = re.compile(r'in "[^"]*", (line \d+, column \d+):?$')
+
+
+def _one_line(message: str) -> str:
+    """A parser's multi-line message as one line. PyYAML quotes the source line after a
+    mark and puts a ^ under the column: the mark becomes `at line L, column C`, the
+    excerpt is dropped."""
+    kept: list[str] = []
+    skip_excerpt = False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if skip_excerpt or not line or set(line) == {"^"}:
+            skip_excerpt = False
+            continue
+        if _MARK.search(line):
+            line, skip_excerpt = _MARK.sub(r"at \1", line), line.endswith(":")
+        kept.append(line)
+    return " ".join(kept)
 
 
 def _field_named(desc: Descriptor, key: str) -> FieldDescriptor | None:
@@ -190,33 +292,114 @@ def _field_named(desc: Descriptor, key: str) -> FieldDescriptor | None:
 
 def _clean(value: Any, desc: Descriptor, path: str, unknown: list[str]) -> Any:
     """value (a mapping for message desc) without unknown fields, IntOrString made explicit."""
-    if desc.full_name == "ebpflb.v1.IntOrString":
-        if isinstance(value, bool):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be a number or a name")
-        if isinstance(value, int):
+    if desc.full_name == "ebpflb.v1.IntOrString" and not isinstance(value, dict):
+        if isinstance(value, int) and not isinstance(value, bool):
+            _check_scalar(path, desc.fields_by_name["int_val"], value)
             return {"intVal": value}
         if isinstance(value, str):
+            _check_scalar(path, desc.fields_by_name["str_val"], value)
             return {"strVal": value}
-    if desc.full_name == "google.protobuf.Timestamp" or not isinstance(value, dict):
+        raise ManifestError(f"{path}: Invalid value: {_show(value)}: must be a number or a name")
+    if desc.full_name == "google.protobuf.Timestamp":
+        if isinstance(value, datetime.datetime):  # YAML reads an unquoted time as one
+            utc = value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+            return utc.isoformat()
+        try:
+            Timestamp().FromJsonString(value)
+        except (TypeError, ValueError, AttributeError):
+            what = "an RFC 3339 time (2006-01-02T15:04:05Z)"
+            raise ManifestError(f"{path}: Invalid value: {_show(value)}: must be {what}") from None
         return value
+    if not isinstance(value, dict):
+        raise ManifestError(f"{path}: Invalid value: {_show(value)}: must be a mapping")
     out: dict[str, Any] = {}
     for key, v in value.items():
-        sub = f"{path}.{key}" if path else str(key)
-        f = _field_named(desc, str(key))
+        name = key if isinstance(key, str) else _show(key)
+        sub = f"{path}.{name}" if path else name
+        f = _field_named(desc, key) if isinstance(key, str) else None
         if f is None:
             unknown.append(sub)
             continue
         if v is None:
             continue
-        if f.message_type is not None and not _is_map(f):
-            if f.is_repeated:
-                if not isinstance(v, list):
-                    raise ManifestError(f"{sub}: Invalid value: must be a list")
+        if _is_map(f):
+            _check_map(sub, v)
+        elif f.is_repeated:
+            if not isinstance(v, list):
+                raise ManifestError(f"{sub}: Invalid value: {_show(v)}: must be a list")
+            if f.message_type is not None:
                 v = [_clean(x, f.message_type, f"{sub}[{i}]", unknown) for i, x in enumerate(v)]
             else:
-                v = _clean(v, f.message_type, sub, unknown)
+                for i, x in enumerate(v):
+                    _check_scalar(f"{sub}[{i}]", f, x)
+        elif f.message_type is not None:
+            v = _clean(v, f.message_type, sub, unknown)
+        else:
+            _check_scalar(sub, f, v)
         out[key] = v
     return out
+
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+}
+
+
+def _check_scalar(path: str, f: FieldDescriptor, v: Any) -> None:
+    """ManifestError naming the field when v cannot be its value; what protobuf's JSON
+    mapping takes (80, 80.0, "80" for a number) passes on to it."""
+    problem = ""
+    if f.type == FieldDescriptor.TYPE_STRING:
+        problem = _text_problem(v)
+    elif f.type == FieldDescriptor.TYPE_BOOL:
+        problem = "" if isinstance(v, bool) else "must be true or false"
+    elif f.type in _INT_RANGES:
+        low, high = _INT_RANGES[f.type]
+        number: Any = v
+        if isinstance(v, str) and re.fullmatch(r"-?[0-9]{1,20}", v):
+            number = int(v)
+        if isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if isinstance(number, bool) or not isinstance(number, int):
+            problem = "must be an integer"
+        elif not low <= number <= high:
+            problem = f"must be an integer between {low} and {high}"
+    if problem:
+        raise ManifestError(f"{path}: Invalid value: {_show(v)}: {problem}")
+
+
+def _check_map(path: str, v: Any) -> None:
+    """The maps (labels, annotations, selector) are of strings to strings."""
+    if not isinstance(v, dict):
+        raise ManifestError(f"{path}: Invalid value: {_show(v)}: must be a mapping")
+    for key, value in v.items():
+        for x in (key, value):
+            if problem := _text_problem(x):
+                raise ManifestError(f"{path}: Invalid value: {_show(x)}: {problem}")
+
+
+def _text_problem(v: Any) -> str:
+    """Why v cannot be a string field's value ("" when it can)."""
+    if not isinstance(v, str):
+        return "must be a string"
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return "must be valid Unicode (it holds an unpaired surrogate)"
+    return ""
+
+
+def _show(value: Any) -> str:
+    """A wrong value in a message: a string quoted, a number or a bool as it is, anything
+    else by its type (a list or a mapping may be huge)."""
+    if isinstance(value, str):
+        return go_quote(value)
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return "a number out of range"
+    if isinstance(value, bool | int | float) or value is None:
+        return json.dumps(value)
+    return type(value).__name__
 
 
 def _is_map(f: FieldDescriptor) -> bool:

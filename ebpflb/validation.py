@@ -19,6 +19,7 @@ from enum import StrEnum
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.labels import (
     dns1123_subdomain_errors,
+    go_quote,
     label_key_errors,
     label_value_errors,
     max_len_error,
@@ -111,7 +112,7 @@ class FieldError:
         cls, path: str, value: object, supported: Iterable[str], why: str = ""
     ) -> FieldError:
         """`Unsupported value: "X": supported values: "A", "B"`, then `(why)` if given."""
-        detail = "supported values: " + ", ".join(_go_quote(s) for s in sorted(supported))
+        detail = "supported values: " + ", ".join(go_quote(s) for s in sorted(supported))
         if why:
             detail += f" ({why})"
         return cls(path, ErrorType.NOT_SUPPORTED, value, detail)
@@ -140,29 +141,8 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return _go_quote(value)
+        return go_quote(value)
     return str(value)
-
-
-_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f"}
-_GO_ESCAPES |= {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-
-
-def _go_quote(s: str) -> str:
-    """Go's strconv.Quote for the strings a manifest can hold."""
-    out = []
-    for c in s:
-        if c in _GO_ESCAPES:
-            out.append(_GO_ESCAPES[c])
-        elif c.isprintable():
-            out.append(c)
-        elif ord(c) < 0x80:
-            out.append(f"\\x{ord(c):02x}")
-        elif ord(c) <= 0xFFFF:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(f"\\U{ord(c):08x}")
-    return '"' + "".join(out) + '"'
 
 
 @dataclass(frozen=True)

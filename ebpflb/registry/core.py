@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ebpflb import labels
 from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.labels import go_quote
 from ebpflb.objects import (
     DEFAULT_NAMESPACE,
     KINDS,
@@ -361,8 +362,15 @@ class Registry:
         msg = message_of(obj)
         key = key_of(obj)
         old = self._objects.get(key)
-        what = f'{kind} "{msg.metadata.name}"'
-        if kind == "EndpointSlice" and msg.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+        what = f"{kind} {go_quote(msg.metadata.name)}"
+        managed = (
+            old is not None
+            and kind == "EndpointSlice"
+            and old.endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+        )
+        if managed or (
+            kind == "EndpointSlice" and msg.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+        ):
             raise RegistryError(
                 Reason.INVALID,
                 f"{what} is invalid: metadata.labels: Forbidden: "
@@ -406,7 +414,7 @@ class Registry:
             for p in new.spec.ports:
                 if not p.node_port:
                     p.node_port = olds.get((p.port, p.protocol or "TCP")) or by_name.get(p.name, 0)
-            if not new.spec.health_check_node_port:
+            if not new.spec.health_check_node_port and new.spec.external_traffic_policy == "Local":
                 new.spec.health_check_node_port = old.spec.health_check_node_port
 
     def _allocate(self, key: Key, svc: pb.Service, what: str) -> None:
@@ -495,6 +503,13 @@ class Registry:
                 p.node_port = same.get(str(p.port)) or take(f"spec.ports[{i}].nodePort", 0)
             same[str(p.port)] = p.node_port
         if spec.external_traffic_policy == "Local":
+            if spec.health_check_node_port in mine:
+                raise invalid(
+                    "spec.healthCheckNodePort",
+                    spec.health_check_node_port,
+                    "provided port is already allocated (to one of this service's ports)",
+                    Reason.ALREADY_EXISTS,
+                )
             spec.health_check_node_port = take(
                 "spec.healthCheckNodePort", spec.health_check_node_port
             )
@@ -509,7 +524,7 @@ class Registry:
             old = self._objects.get(key)
             if old is None:
                 raise RegistryError(
-                    Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found'
+                    Reason.NOT_FOUND, f"{resource_name(key.kind)} {go_quote(key.name)} not found"
                 )
             txn = self._begin()
             try:
@@ -525,6 +540,15 @@ class Registry:
                     self._commit(txn)
                     return stored
                 self._put(txn, key, None)
+                if key.kind == "EndpointSlice":
+                    # The registry's own slices come back at once, as Kubernetes'
+                    # controller makes them again.
+                    svc = old.endpoint_slice.metadata.labels.get(SERVICE_NAME_LABEL)
+                    if (
+                        svc
+                        and old.endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+                    ):
+                        txn.touched_services.add(Key("Service", key.namespace, svc))
                 self._commit(txn)
             except Exception:
                 self._rollback(txn)
@@ -566,7 +590,7 @@ class Registry:
             obj = self._objects.get(key)
             if obj is None:
                 raise RegistryError(
-                    Reason.NOT_FOUND, f'{resource_name(key.kind)} "{key.name}" not found'
+                    Reason.NOT_FOUND, f"{resource_name(key.kind)} {go_quote(key.name)} not found"
                 )
             return obj
 
