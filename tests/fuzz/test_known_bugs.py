@@ -1,6 +1,7 @@
 """Bugs the fuzzing found in the registry (ebpflb/registry/core.py), each as a minimal
-reproduction, expected to fail until fixed (strict: a fix turns them red, so the
-xfail comes off and registry_fuzz.AVOID_KNOWN_BUGS can go)."""
+reproduction; all fixed, kept as regression tests. (registry_fuzz.AVOID_KNOWN_BUGS still
+keeps the stateful model from deleting managed slices: its model expects a deleted
+object to stay gone, while the registry now makes its own slices again at once.)"""
 
 from __future__ import annotations
 
