@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test unit lint proto clean vagrant-test
+.PHONY: setup demo test unit lint proto clean vagrant-test bench
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ test: setup lint
 
 unit: setup
 	$(PYTEST) -m "unit or api" tests
+
+# Side-by-side figures: direct, ebpflb, kube-proxy's iptables and nftables rules (work in progress).
+bench: setup
+	$(PY) -m ebpflb.bench $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check ebpflb tests

@@ -1,0 +1,245 @@
+"""Medians, percentiles and ratios of benchmark rounds, and the targets they are judged against."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+Number = float | int
+
+# One figure of the data plane: its key in a round's record, how it reads, which way is better.
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "gbps": ("TCP throughput", "Gbit/s", True),
+    "conn_per_s": ("new connections", "conn/s", True),
+    "p50_ms": ("latency p50", "ms", False),
+    "p99_ms": ("latency p99", "ms", False),
+}
+
+
+def median(values: Sequence[Number | None]) -> float | None:
+    """Median of the values that are not None or NaN; None if there are none."""
+    clean = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.median(clean) if clean else None
+
+
+def percentile(values: Sequence[Number], q: float) -> float | None:
+    """The q-quantile (0..1) by linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    s = sorted(float(v) for v in values)
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def paired_ratio(a: Sequence[Number | None], b: Sequence[Number | None]) -> float | None:
+    """Median over rounds of a[i] / b[i]: the rounds are interleaved, so each pair was
+    measured minutes apart at most and shares the machine's load of the moment."""
+    ratios = [
+        float(x) / float(y)
+        for x, y in zip(a, b, strict=False)
+        if x is not None and y is not None and float(y) != 0.0 and not math.isnan(float(x))
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def round_figures(record: Mapping[str, object]) -> dict[str, float | None]:
+    """The figures of one mode's round, from the raw record the runner keeps."""
+
+    def get(section: str, key: str, scale: float = 1.0) -> float | None:
+        part = record.get(section)
+        if not isinstance(part, Mapping) or part.get(key) is None:
+            return None
+        value = float(part[key])
+        return None if math.isnan(value) else value * scale
+
+    return {
+        "gbps": get("throughput", "gbps"),
+        "conn_per_s": get("conn_rate", "per_second"),
+        "p50_ms": get("latency", "p50_us", 1e-3),
+        "p99_ms": get("latency", "p99_us", 1e-3),
+    }
+
+
+def summarize(
+    rounds: Mapping[str, Sequence[Mapping[str, object]]], baselines: Sequence[str]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """mode -> metric -> {"median", "vs <baseline>"...} for one Service count."""
+    figures = {m: [round_figures(r) for r in rs] for m, rs in rounds.items()}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for mode, recs in figures.items():
+        out[mode] = {}
+        for metric in METRICS:
+            values = [r[metric] for r in recs]
+            entry: dict[str, float | None] = {"median": median(values), "rounds": len(values)}
+            for base in baselines:
+                if base in figures:
+                    other = [r[metric] for r in figures[base]]
+                    entry[f"vs {base}"] = paired_ratio(values, other)
+            out[mode][metric] = entry
+    return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target: what it asks, what was measured, and whether it is met (None: not measured)."""
+
+    target: str
+    measured: str
+    met: bool | None
+
+
+def _fmt(v: float | None, spec: str = ".3g", unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{unit}"
+
+
+def _pct(v: float | None) -> str:
+    return _fmt(None if v is None else v * 100, ".1f", "%")
+
+
+def _times(v: float | None) -> str:
+    return _fmt(v, ".2f", "x")
+
+
+def _ns(v: float | None) -> str:
+    return _fmt(v, ".0f", " ns")
+
+
+def _secs(v: float | None) -> str:
+    return _fmt(v, ".2f", " s")
+
+
+def _ms(v: float | None) -> str:
+    return _fmt(v, ".1f", " ms")
+
+
+def _growth(v: float | None) -> str:
+    return _fmt(None if v is None else v * 100, "+.1f", "%")
+
+
+def _mb(v: float | None) -> str:
+    return _fmt(v, ".0f", " MB")
+
+
+def _at_least(bound: float) -> Callable[[float], bool]:
+    return lambda v: v >= bound
+
+
+def _at_most(bound: float) -> Callable[[float], bool]:
+    return lambda v: v <= bound
+
+
+def _check(
+    target: str,
+    values: Sequence[tuple[str, float | None]],
+    ok: Callable[[float], bool],
+    fmt: Callable[[float | None], str],
+) -> Verdict:
+    """Met when every labelled value is measured and ok."""
+    measured = ", ".join(f"{label}: {fmt(v)}" for label, v in values) or "not measured"
+    known = [v for _, v in values if v is not None]
+    if not known:
+        return Verdict(target, measured, None)
+    return Verdict(target, measured, all(ok(v) for v in known) and len(known) == len(values))
+
+
+def evaluate(
+    summary: Mapping[int, Mapping[str, Mapping[str, Mapping[str, float | None]]]],
+    perpacket: Mapping[int, Mapping[str, float]],
+    control: Mapping[str, object],
+) -> list[Verdict]:
+    """Every target of the issue, against what this run measured."""
+    scales = sorted(summary)
+
+    def ratio(scale: int, metric: str, base: str) -> float | None:
+        return summary[scale].get("ebpflb", {}).get(metric, {}).get(f"vs {base}")
+
+    out = [
+        _check(
+            "ebpflb TCP throughput >= 95% of direct",
+            [(f"{n:,} Services", ratio(n, "gbps", "direct")) for n in scales],
+            _at_least(0.95),
+            _pct,
+        ),
+        _check(
+            "ebpflb new connections/s >= 93% of direct at every Service count",
+            [(f"{n:,} Services", ratio(n, "conn_per_s", "direct")) for n in scales],
+            _at_least(0.93),
+            _pct,
+        ),
+    ]
+    at = 10_000
+    for base, factor in (("iptables-legacy", 1.5), ("iptables-nft", 3.0)):
+        out.append(
+            _check(
+                f"at 10,000 Services ebpflb conn/s >= {factor}x {base}",
+                [(f"{at:,} Services", ratio(at, "conn_per_s", base) if at in summary else None)],
+                _at_least(factor),
+                _times,
+            )
+        )
+    hit, miss = "conntrack hit", "conntrack miss (new flow)"
+    counts = sorted(perpacket)
+    out.append(
+        _check(
+            "per-packet cost <= 130 ns for an established flow (conntrack hit)",
+            [(f"{n:,}", perpacket[n].get(hit)) for n in counts],
+            _at_most(130),
+            _ns,
+        )
+    )
+    out.append(
+        _check(
+            "per-packet cost <= 350 ns for a flow's first packet (conntrack miss)",
+            [(f"{n:,}", perpacket[n].get(miss)) for n in counts],
+            _at_most(350),
+            _ns,
+        )
+    )
+    growth: list[tuple[str, float | None]] = []
+    if 1 in perpacket and 100_000 in perpacket:
+        for path in (hit, miss):
+            a, b = perpacket[1].get(path), perpacket[100_000].get(path)
+            growth.append((path, None if a is None or b is None or a <= 0 else b / a - 1))
+    out.append(
+        _check(
+            "per-packet cost at 100,000 Services within 5% of 1 Service",
+            growth,
+            _at_most(0.05),
+            _growth,
+        )
+    )
+    size = control.get("services")
+    label = f"{size:,} x {control.get('endpoints')}" if isinstance(size, int) else "n/a"
+    full = size == 10_000
+    bulk = control.get("bulk_to_maps_s")
+    out.append(
+        _check(
+            "10,000 Services x 10 endpoints in the maps within 5 s of Apply",
+            [(label, float(bulk) if isinstance(bulk, int | float) and full else None)],
+            _at_most(5.0),
+            _secs,
+        )
+    )
+    p99 = control.get("change_p99_ms")
+    out.append(
+        _check(
+            "one endpoint change in the maps within 50 ms p99 (at 10,000 Services)",
+            [(label, float(p99) if isinstance(p99, int | float) and full else None)],
+            _at_most(50.0),
+            _ms,
+        )
+    )
+    rss = control.get("agent_hwm_kib")
+    out.append(
+        _check(
+            "agent RSS under 150 MB at 10,000 Services x 10 endpoints",
+            [(label, float(rss) * 1024 / 1e6 if isinstance(rss, int | float) and full else None)],
+            lambda v: v < 150.0,
+            _mb,
+        )
+    )
+    return out

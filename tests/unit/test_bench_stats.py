@@ -1,0 +1,189 @@
+"""The benchmark's pure parts: statistics, targets, parsing the datapath bench, Apply batches."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+
+from ebpflb.bench import loadgen, manifests, perpacket, report, stats
+from ebpflb.bench.model import FakePods, filler_services
+from ebpflb.bench.progress import Progress
+
+pytestmark = pytest.mark.unit
+
+DATAPATH_BENCH_OUTPUT = """\
+ns per packet (minus empty program)              1       1,000     100,000
+no service                                      93          58          90
+conntrack hit                                  412         333         494
+conntrack hit, nothing to rewrite              166         163         181
+conntrack miss (new flow)                     2074        1393        1524
+empty program (absolute)                        41          40          44
+(services: frontends in the map; conntrack hit and reverse NAT include the rewrite)
+"""
+
+
+def test_parse_table_of_the_datapath_bench() -> None:
+    table = perpacket.parse_table("compiling...\n" + DATAPATH_BENCH_OUTPUT)
+    assert sorted(table) == [1, 1000, 100_000]
+    assert table[1]["conntrack hit"] == 412
+    assert table[100_000]["conntrack hit, nothing to rewrite"] == 181
+    assert table[1000]["conntrack miss (new flow)"] == 1393
+    assert "(services: frontends in the map; conntrack hit and reverse NAT include" not in table[1]
+
+
+def test_parse_table_without_a_table_fails() -> None:
+    with pytest.raises(perpacket.PerPacketError, match="no 'ns per packet' table"):
+        perpacket.parse_table("Traceback...\n")
+
+
+def test_median_table_over_rounds() -> None:
+    rounds = [{1: {"a": 10.0}}, {1: {"a": 30.0}}, {1: {"a": 20.0, "b": 5.0}}]
+    assert perpacket.median_table(rounds) == {1: {"a": 20.0, "b": 5.0}}
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "want"),
+    [([1, 2, 3, 4], 0.5, 2.5), ([5], 0.99, 5.0), ([1, 2, 3, 4, 5], 0.99, 4.96), ([], 0.5, None)],
+)
+def test_percentile_interpolates_like_numpy(
+    values: list[int], q: float, want: float | None
+) -> None:
+    got = stats.percentile(values, q)
+    assert got == pytest.approx(want) if want is not None else got is None
+    if values:
+        assert loadgen.percentile(sorted(values), q) == pytest.approx(want)
+
+
+def test_median_ignores_missing_values() -> None:
+    assert stats.median([3.0, None, 1.0, float("nan"), 2.0]) == 2.0
+    assert stats.median([None]) is None
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    # Round 2 is slow for everyone (a busy machine): pairs cancel it, medians would not.
+    assert stats.paired_ratio([90, 45, 95], [100, 50, 100]) == pytest.approx(0.9)
+    assert stats.paired_ratio([1.0, None], [None, 2.0]) is None
+    assert stats.paired_ratio([1.0], [0.0]) is None
+
+
+def _round(gbps: float, rate: float, p50_us: float = 900.0) -> dict[str, object]:
+    return {
+        "throughput": {"gbps": gbps},
+        "conn_rate": {"per_second": rate},
+        "latency": {"p50_us": p50_us, "p99_us": 5 * p50_us},
+    }
+
+
+def test_summarize_gives_medians_and_ratios_to_each_baseline() -> None:
+    rounds = {
+        "direct": [_round(10, 1000), _round(12, 1100), _round(11, 900)],
+        "ebpflb": [_round(9.6, 950), _round(11.4, 1050), _round(10.6, 880)],
+        "iptables-legacy": [_round(9, 500), _round(9, 550), {"throughput": {"error": "x"}}],
+    }
+    s = stats.summarize(rounds, ["direct", "iptables-legacy"])
+    assert s["direct"]["gbps"]["median"] == 11
+    assert s["ebpflb"]["conn_per_s"]["vs direct"] == pytest.approx(1050 / 1100)  # middle pair
+    assert s["ebpflb"]["conn_per_s"]["vs iptables-legacy"] == pytest.approx(
+        (950 / 500 + 1050 / 550) / 2
+    )
+    assert s["iptables-legacy"]["gbps"]["median"] == 9
+    assert s["ebpflb"]["p99_ms"]["median"] == pytest.approx(4.5)
+
+
+def test_evaluate_judges_every_target() -> None:
+    def entry(vs_direct: float, **more: float) -> dict[str, dict[str, float | None]]:
+        return {
+            "gbps": {"vs direct": vs_direct},
+            "conn_per_s": {"vs direct": vs_direct, **{f"vs {k}": v for k, v in more.items()}},
+        }
+
+    summary = {
+        1: {"ebpflb": entry(0.97)},
+        10_000: {"ebpflb": entry(0.95, **{"iptables-legacy": 1.6, "iptables-nft": 2.5})},
+    }
+    perpacket_median = {
+        1: {"conntrack hit": 120.0, "conntrack miss (new flow)": 300.0},
+        100_000: {"conntrack hit": 124.0, "conntrack miss (new flow)": 400.0},
+    }
+    control = {
+        "services": 10_000,
+        "endpoints": 10,
+        "bulk_to_maps_s": 4.0,
+        "change_p99_ms": 80.0,
+        "agent_hwm_kib": 100_000,
+    }
+    verdicts = {v.target: v for v in stats.evaluate(summary, perpacket_median, control)}
+    met = {k.split(" ")[0] + " " + k.split(" ")[-1]: v.met for k, v in verdicts.items()}
+    assert len(verdicts) == 10
+    assert verdicts["ebpflb TCP throughput >= 95% of direct"].met is True
+    assert verdicts["at 10,000 Services ebpflb conn/s >= 1.5x iptables-legacy"].met is True
+    assert verdicts["at 10,000 Services ebpflb conn/s >= 3.0x iptables-nft"].met is False
+    assert verdicts["per-packet cost <= 130 ns for an established flow (conntrack hit)"].met is True
+    assert (
+        verdicts["per-packet cost <= 350 ns for a flow's first packet (conntrack miss)"].met
+        is False
+    )
+    growth = verdicts["per-packet cost at 100,000 Services within 5% of 1 Service"]
+    assert growth.met is False and "+33.3%" in growth.measured
+    assert verdicts["10,000 Services x 10 endpoints in the maps within 5 s of Apply"].met is True
+    assert met  # every target has a verdict
+    small = dict(control, services=1_000)
+    quick = {v.target: v for v in stats.evaluate({}, {}, small)}
+    assert quick["agent RSS under 150 MB at 10,000 Services x 10 endpoints"].met is None
+
+
+def test_batches_stay_under_the_registrys_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    pods = FakePods(groups=4, per_group=1)
+    objects = manifests.filler_objects(filler_services(25, pods), pods)
+    monkeypatch.setattr(manifests, "BATCH_OBJECTS", 10)
+    sizes = [len(b) for b in manifests.batches(objects)]
+    assert sizes == [10, 10, 5]
+    monkeypatch.setattr(manifests, "BATCH_BYTES", objects[0].ByteSize() * 3 + 30)
+    assert all(len(b) <= 3 for b in manifests.batches(objects))
+    assert sum(len(b) for b in manifests.batches(objects)) == 25
+
+
+def test_service_object_asks_for_the_models_vip() -> None:
+    pods = FakePods(groups=2, per_group=3)
+    svc = filler_services(2, pods)[1]
+    obj = manifests.service_object(svc, {"bench-group": "1"})
+    assert obj.service.spec.cluster_ip == svc.vip
+    assert obj.service.spec.ports[0].target_port.int_val == 80
+    assert dict(obj.service.spec.selector) == {"bench-group": "1"}
+    pod = manifests.pod_object("p", "10.244.128.2", {"a": "b"}, "node0", ready=False)
+    assert pod.pod.status.conditions[0].status == "False"
+
+
+def test_markdown_report_has_every_section() -> None:
+    rounds = {"direct": [_round(10, 1000)], "ebpflb": [_round(9, 950)]}
+    results = {
+        "meta": {"quick": True, "started": "a", "finished": "b", "kernel": "Linux", "cpus": 2},
+        "settings": {"modes": ["direct", "ebpflb", "nftables"], "rounds": 1, "latency_rate": 1e3},
+        "modes": {"direct": {}, "ebpflb": {}, "nftables": {}},
+        "summary": {"1": stats.summarize(rounds, ["direct"])},
+        "skipped": {"1": {"nftables": "installing exceeded the budget"}},
+        "perpacket": {"rounds": [{}], "median": {"1": {"conntrack hit": 120.0}}},
+        "control": {"ebpflb": {"services": 1000, "endpoints": 10, "bulk_to_maps_s": 1.2}},
+        "targets": [{"target": "t", "measured": "m", "met": None}],
+        "notes": ["a note"],
+    }
+    text = report.markdown(results)
+    for part in ("## Data plane", "### 1 Service\n", "## Per-packet cost", "## Control plane"):
+        assert part in text
+    assert "*installing exceeded the budget*" in text
+    assert "**not measured**: t — m" in text
+    assert "| ebpflb | 9.00 | 0.90 |" in text
+
+
+def test_progress_writes_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    p = Progress(10, out)
+    p.say("step one")
+    p.advance(5)
+    p.say("step two")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("step one") and " 50% " in lines[1] and lines[-1].endswith("done")
+    assert not math.isnan(p.done)
