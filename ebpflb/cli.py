@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ebpflb.objects import (
     kind_of,
     load_documents,
     message_of,
+    one_line,
 )
 
 REGISTRY_ENV = "EBPFLB_REGISTRY"
@@ -58,7 +58,6 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 ENDPOINTS_WORDS = ("endpoints", "ep")
 GET_KINDS = "services, pods, endpoints, endpointslices, nodes"
 # PyYAML's mark: `in "<unicode string>", line 1, column 5:` (the source line follows).
-_MARK = re.compile(r'in "[^"]*", (line \d+, column \d+):?$')
 
 
 class CliError(Exception):
@@ -189,22 +188,6 @@ def read_manifests(
                     _set_namespace(obj, namespace)
                 out.append((label, obj))
     return out
-
-
-def one_line(message: str) -> str:
-    """A parser's multi-line message (PyYAML quotes the source line and marks the
-    column with ^ under it) as one line."""
-    kept: list[str] = []
-    skip_excerpt = False
-    for raw in message.splitlines():
-        line = raw.strip()
-        if skip_excerpt or not line or set(line) == {"^"}:
-            skip_excerpt = False
-            continue
-        if _MARK.search(line):
-            line, skip_excerpt = _MARK.sub(r"at \1", line), line.endswith(":")
-        kept.append(line)
-    return " ".join(kept)
 
 
 def _set_namespace(obj: pb.Object, namespace: str) -> None:

@@ -146,7 +146,7 @@ def from_manifest(doc: Any, warnings: list[str] | None = None) -> pb.Object:
     try:
         json_format.ParseDict(clean, msg)
     except json_format.ParseError as e:
-        raise ManifestError(_one_line(str(e))) from None
+        raise ManifestError(one_line(str(e))) from None
     if warnings is not None:
         warnings.extend(f"unknown field {go_quote(u)}" for u in unknown)
     return wrap(msg)
@@ -189,7 +189,7 @@ def _scalar_error(e: Exception) -> str:
     """The message of a parser's error, one line; Python's limit on digits said plainly."""
     if "integer string conversion" in str(e):
         return f"a number has more than {sys.get_int_max_str_digits()} digits"
-    return _one_line(str(e))
+    return one_line(str(e))
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -266,7 +266,7 @@ def _check_size(docs: list[Any]) -> None:
 _MARK = re.compile(r'in "[^"]*", (line \d+, column \d+):?$')
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     """A parser's multi-line message as one line. PyYAML quotes the source line after a
     mark and puts a ^ under the column: the mark becomes `at line L, column C`, the
     excerpt is dropped."""
