@@ -663,6 +663,19 @@ def cmd_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from ebpflb.bench import arguments  # light: argparse and the mode names only
+
+    arguments(p)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """ebpflb against no load balancer and kube-proxy's iptables/nftables modes (root)."""
+    from ebpflb.bench import run as run_bench
+
+    return int(run_bench(args))
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     p.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2)")
@@ -779,6 +792,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "maps", "show the frontends and counters in a node's pinned maps", _maps_arguments, cmd_maps
+    ),
+    Command(
+        "bench",
+        "benchmark against direct, iptables and nftables (root)",
+        _bench_arguments,
+        cmd_bench,
     ),
     Command("demo", "a namespace cluster with nginx behind a ClusterIP", _demo_arguments, cmd_demo),
     Command("certs", "a CA and certificates for the registry's mTLS", _certs_arguments, cmd_certs),

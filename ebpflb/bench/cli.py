@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -68,6 +69,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         help=f"run only these parts: {','.join(PARTS)}",
     )
     p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        type=Path,
+        help="measure nothing: redo the report, targets and plot of an earlier run's JSON",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="py-spy the agent and the registry during the control-plane test (into --out)",
@@ -77,6 +84,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the clusters, measure, print the report; 0 once it ran (targets are in the
     report), 1 if it could not run."""
+    if args.from_json is not None:
+        return _rereport(args)
     if os.geteuid() != 0:
         print("error: ebpflb bench needs root (namespaces, BPF, iptables)", file=sys.stderr)
         return 1
@@ -107,6 +116,29 @@ def run(args: argparse.Namespace) -> int:
         runner.progress.close()
     written = runner.write()
     print(markdown(runner.results))
+    for w in written:
+        print(f"wrote {w}" if w.startswith("/") else w, file=sys.stderr)
+    return 0
+
+
+def _rereport(args: argparse.Namespace) -> int:
+    from ebpflb.bench.report import markdown
+    from ebpflb.bench.runner import judge, write_all
+
+    try:
+        results = json.loads(args.from_json.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: {args.from_json}: {e}", file=sys.stderr)
+        return 1
+    judge(results)
+    out = args.out or args.from_json.parent
+    written = write_all(
+        results,
+        args.markdown or out / "report.md",
+        args.json or out / "results.json",
+        args.plot or out / "plot.png",
+    )
+    print(markdown(results))
     for w in written:
         print(f"wrote {w}" if w.startswith("/") else w, file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ class LoadSettings:
     seconds: float = 3.0
     iperf_seconds: float = 3.0
     procs: int = 2
-    concurrency: int = 64
+    concurrency: int = 128  # direct rose 25% from 64 to 128 in the calibration runs
     latency_rate: float = 1000.0
     warmup: float = 0.3
 

@@ -51,10 +51,15 @@ def dataplane_table(
             rows.append([mode, f"*{reason}*"] + [""] * (len(header) - 2))
             continue
         row = [mode]
+        kept_up = summary[mode].get("kept_up", {}).get("median")
+        behind = kept_up is not None and kept_up < 0.95
         for metric in METRICS:
             entry = summary[mode].get(metric, {})
             spec = ".2f" if metric == "gbps" else ".0f" if metric == "conn_per_s" else ".2f"
-            row.append(_num(entry.get("median"), spec))
+            value = _num(entry.get("median"), spec)
+            if behind and metric in ("p50_ms", "p99_ms"):
+                value += " †"
+            row.append(value)
             if metric in ("gbps", "conn_per_s", "p99_ms"):
                 row += [_ratio(entry.get(f"vs {b}")) for b in present]
         rows.append(row)
@@ -182,7 +187,7 @@ def memory_table(control: Mapping[str, Any], dataplane_memory: Mapping[str, Any]
     rows = []
     eb = control.get("ebpflb")
     if isinstance(eb, Mapping) and "agent_kib" in eb:
-        label = f"{eb.get('services', 0):,} x {eb.get('endpoints')} (control-plane test)"
+        label = f"{eb.get('services', 0):,} Services x {eb.get('endpoints')} (control-plane test)"
         rows.append(
             [
                 label,
@@ -195,7 +200,7 @@ def memory_table(control: Mapping[str, Any], dataplane_memory: Mapping[str, Any]
         agent = next((v for k, v in mem.items() if k.startswith("agent")), None)
         rows.append(
             [
-                f"{int(scale):,} Services x 1 (data-plane cluster)",
+                f"{int(scale):,} Service{'' if int(scale) == 1 else 's'} x 1 (data-plane cluster)",
                 "",
                 _kib(agent, "VmHWM"),
                 _kib(mem.get("registry"), "VmHWM"),
@@ -249,6 +254,11 @@ def markdown(results: Mapping[str, Any]) -> str:
             out += [f"### {n:,} Service{'s' if n != 1 else ''}", ""]
             out.append(dataplane_table(summary[scale], order, skipped.get(scale, {})))
             out.append("")
+        out += [
+            "† the mode could not keep up with the fixed rate (under 95% of it completed in "
+            "time): its latency is mostly queueing.",
+            "",
+        ]
     pp = results.get("perpacket", {})
     if pp.get("median"):
         out += [

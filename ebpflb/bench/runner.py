@@ -116,6 +116,19 @@ class Plan:
         return min(services / 150, self.install_budget)
 
 
+def judge(results: dict[str, Any]) -> None:
+    """(Re)compute the summary of the raw rounds and the targets' verdicts, in place."""
+    results["summary"] = {
+        k: stats.summarize(v, [b for b in report.BASELINES if b in v])
+        for k, v in results.get("dataplane", {}).items()
+    }
+    summary = {int(k): v for k, v in results["summary"].items()}
+    median = {int(k): v for k, v in results.get("perpacket", {}).get("median", {}).items()}
+    control = results.get("control", {}).get("ebpflb", {})
+    verdicts = stats.evaluate(summary, median, control if isinstance(control, dict) else {})
+    results["targets"] = [asdict(v) for v in verdicts]
+
+
 def _cpu_times() -> tuple[float, float]:
     """(busy, total) jiffies of all CPUs, from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -323,10 +336,6 @@ class Runner:
                     )
                 except (MeasureError, OSError, subprocess.SubprocessError) as e:
                     live[key] = {"error": str(e)}
-        self.results["summary"] = {
-            k: stats.summarize(v, [b for b in report.BASELINES if b in v])
-            for k, v in dataplane.items()
-        }
         errors = [
             f"{scale} {mode} round {i + 1} {part}: {rec[part]['error']}"
             for scale, modes in dataplane.items()
@@ -371,24 +380,24 @@ class Runner:
         meta["load_end"] = self._load()
         meta["load_max"] = max(self.loads) if self.loads else None
         meta["seconds"] = round(time.monotonic() - self.progress.started, 1)
-        summary = {int(k): v for k, v in self.results.get("summary", {}).items()}
-        median = {int(k): v for k, v in self.results.get("perpacket", {}).get("median", {}).items()}
-        control = self.results.get("control", {}).get("ebpflb", {})
-        verdicts = stats.evaluate(summary, median, control if isinstance(control, dict) else {})
-        self.results["targets"] = [asdict(v) for v in verdicts]
+        judge(self.results)
         return self.results
 
     def write(self) -> list[str]:
         """Write the report, the JSON and the plot; the paths written (and why a plot is not)."""
         p = self.plan
-        report.write_json(self.results, p.json_path)
-        p.markdown_path.write_text(report.markdown(self.results))
-        written = [str(p.markdown_path), str(p.json_path)]
-        why = None
-        with contextlib.suppress(Exception):
-            why = report.plot(self.results, p.plot_path)
-            if why is None:
-                written.append(str(p.plot_path))
-        if why:
-            written.append(why)
-        return written
+        return write_all(self.results, p.markdown_path, p.json_path, p.plot_path)
+
+
+def write_all(results: dict[str, Any], markdown: Path, json_path: Path, plot: Path) -> list[str]:
+    report.write_json(results, json_path)
+    markdown.write_text(report.markdown(results))
+    written = [str(markdown), str(json_path)]
+    why = None
+    with contextlib.suppress(Exception):
+        why = report.plot(results, plot)
+        if why is None:
+            written.append(str(plot))
+    if why:
+        written.append(why)
+    return written

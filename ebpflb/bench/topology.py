@@ -447,7 +447,13 @@ class NetfilterMode(Mode):
                     )
                 n = min(NFT_BATCH, need - self.fillers)
                 batch = filler_services(n, FILLER_PODS, start=self.fillers)
-                self._nft(nftables.ruleset_fragment(batch), timeout=left)
+                try:
+                    self._nft(nftables.ruleset_fragment(batch), timeout=left)
+                except BudgetExceeded:
+                    raise BudgetExceeded(
+                        f"nftables: {self.fillers + MEASURED:,} of {total:,} Services loaded "
+                        f"after {budget:.0f}s"
+                    ) from None
                 self.fillers += n
                 self.services = self.fillers + MEASURED
                 batches += 1

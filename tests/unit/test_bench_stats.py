@@ -129,6 +129,9 @@ def test_evaluate_judges_every_target() -> None:
     assert growth.met is False and "+33.3%" in growth.measured
     assert verdicts["10,000 Services x 10 endpoints in the maps within 5 s of Apply"].met is True
     assert met  # every target has a verdict
+    flat = {1: {"conntrack hit": 100.0}, 100_000: {"conntrack hit": 70.0}}
+    noisy = {v.target: v for v in stats.evaluate({}, flat, {})}
+    assert noisy["per-packet cost at 100,000 Services within 5% of 1 Service"].met is False
     small = dict(control, services=1_000)
     quick = {v.target: v for v in stats.evaluate({}, {}, small)}
     assert quick["agent RSS under 150 MB at 10,000 Services x 10 endpoints"].met is None

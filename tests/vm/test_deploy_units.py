@@ -26,6 +26,8 @@ EXAMPLE_ENV = {
     "EBPFLB_POD_CIDR": "10.244.1.0/24",
     "EBPFLB_EXTERNAL_IFACE": "eth1",
 }
+
+
 def settings(unit: str) -> dict[str, list[str]]:
     """Key -> every value set for it (comments, sections and continuations aside)."""
     out: dict[str, list[str]] = {}
