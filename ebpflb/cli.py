@@ -320,6 +320,21 @@ def _get_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-A", "--all-namespaces", action="store_true", help="list across all namespaces")
 
 
+def _get_named(
+    client: RegistryClient, kind: str, ns: str, names: Sequence[str], missing: list[str]
+) -> list[pb.Object]:
+    """The named objects that exist; the names of those that do not go into missing."""
+    found = []
+    for name in names:
+        try:
+            found.append(client.get(Key(kind, ns, name)))
+        except RegistryError as e:
+            if not e.not_found:
+                raise
+            missing.append(name)
+    return found
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     if not args.kind:
         raise CliError(f"you must specify the type of resource to get: {GET_KINDS}")
@@ -331,17 +346,10 @@ def cmd_get(args: argparse.Namespace) -> int:
         return _get_endpoints(args)
     kind = _kind(args.kind)
     ns = "" if args.all_namespaces or not kind.namespaced else _namespace(args)
-    objects: list[pb.Object] = []
     missing: list[str] = []
     with _client(args) as client:
         if args.names:
-            for name in args.names:
-                try:
-                    objects.append(client.get(Key(kind.name, ns, name)))
-                except RegistryError as e:
-                    if not e.not_found:
-                        raise
-                    missing.append(name)
+            objects = _get_named(client, kind.name, ns, args.names, missing)
         else:
             objects = _sorted(client.list(kind.name, ns, args.selector).items)
     _print_objects(args, kind, objects)
@@ -444,18 +452,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if kind.name != "Service":
         raise CliError(f"describe supports services only, not {printers.resource_plural(kind)}")
     ns = _namespace(args)
-    missing = []
+    missing: list[str] = []
     texts = []
     with _client(args) as client:
         if args.names:
-            services = []
-            for name in args.names:
-                try:
-                    services.append(client.get(Key(kind.name, ns, name)))
-                except RegistryError as e:
-                    if not e.not_found:
-                        raise
-                    missing.append(name)
+            services = _get_named(client, kind.name, ns, args.names, missing)
         else:
             services = _sorted(client.list(kind.name, ns).items)
         for obj in services:

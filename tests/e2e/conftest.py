@@ -50,9 +50,8 @@ def _close_checked(clusters: list[Cluster]) -> None:
 ClusterFactory = Callable[..., Cluster]
 
 
-@pytest.fixture
-def make_cluster() -> Iterator[ClusterFactory]:
-    """Make clusters in a test; each is closed after it and must leave nothing behind."""
+def _cluster_factory() -> Iterator[ClusterFactory]:
+    """Yield a maker of clusters; afterwards each is closed and must leave nothing behind."""
     if reason := missing_requirement():
         pytest.skip(reason)
     clusters: list[Cluster] = []
@@ -64,19 +63,15 @@ def make_cluster() -> Iterator[ClusterFactory]:
 
     yield make
     _close_checked(clusters)
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[ClusterFactory]:
+    """Make clusters in a test; each is closed after it and must leave nothing behind."""
+    yield from _cluster_factory()
 
 
 @pytest.fixture(scope="module")
 def make_module_cluster() -> Iterator[ClusterFactory]:
     """Like make_cluster, shared by a module's tests (cheaper: nginx starts once)."""
-    if reason := missing_requirement():
-        pytest.skip(reason)
-    clusters: list[Cluster] = []
-
-    def make(nodes: int = 1, **kw: Any) -> Cluster:
-        cluster = Cluster(nodes, **kw)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    _close_checked(clusters)
+    yield from _cluster_factory()
