@@ -85,10 +85,13 @@ class Command:
 
 
 def _address(args: argparse.Namespace) -> str:
-    address: str = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS
-    if address.startswith("/"):
-        address = "unix://" + address
-    return address
+    """The registry address, or several separated by commas (tried in turn)."""
+    given: str = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_ADDRESS
+    return ",".join("unix://" + a if a.startswith("/") else a for a in given.split(","))
+
+
+def _unix_only(address: str) -> bool:
+    return all(a.startswith("unix:") for a in address.split(","))
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig | None:
@@ -106,7 +109,7 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
 
 def _client(args: argparse.Namespace) -> RegistryClient:
     address = _address(args)
-    tls = None if address.startswith("unix:") else tls_config(args)
+    tls = None if _unix_only(address) else tls_config(args)
     try:
         return RegistryClient(address, tls=tls)
     except TlsError as e:
@@ -488,7 +491,8 @@ def _registry_arguments(p: argparse.ArgumentParser) -> None:
         "--store",
         default="sqlite:///var/lib/ebpflb/registry.db",
         metavar="URL",
-        help="where objects are kept: sqlite:///path/to/file.db",
+        help="where objects are kept: sqlite:///path/to/file.db, or "
+        "etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (an etcd cluster several registries share)",
     )
     p.add_argument(
         "--service-cidr", default="10.96.0.0/12", metavar="CIDR", help="where ClusterIPs come from"
@@ -550,6 +554,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         raise CliError(f"--service-cidr: {e}") from None
     node_port_range(args.node_port_range)
     from ebpflb.registry.server import Limits, ServerTls, run
+    from ebpflb.registry.store import StoreError
 
     files = {
         "--tls-cert": args.tls_cert,
@@ -573,7 +578,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             insecure_tcp=args.insecure_tcp,
             limits=limits,
         )
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StoreError) as e:
         # A store URL it cannot open, an address it cannot listen on, TCP without TLS.
         raise CliError(str(e)) from None
     return 0
@@ -610,7 +615,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from ebpflb.agent.agent import AgentConfig, run
 
     address = _address(args)
-    tls = None if address.startswith("unix:") else tls_config(args)
+    tls = None if _unix_only(address) else tls_config(args)
     if tls is not None:
         try:
             tls.credentials()  # unreadable files: an error now, not a retry loop
@@ -806,7 +811,8 @@ COMMANDS: tuple[Command, ...] = (
 
 
 def parser() -> argparse.ArgumentParser:
-    registry_help = f"registry address: unix:///path or host:port (env {REGISTRY_ENV}; "
+    registry_help = "registry address: unix:///path or host:port, or several separated by "
+    registry_help += f"commas, tried in turn (env {REGISTRY_ENV}; "
     registry_help += f"default {DEFAULT_ADDRESS})"
     # --registry is accepted before or after the subcommand, as kubectl's global flags are.
     common = _Parser(add_help=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +126,14 @@ def _handshake_hint(details: str, tls: TlsConfig | None) -> str:
 
 
 class Watch:
-    """A running Watch stream: iterate for events, cancel() from any thread to stop it."""
+    """A running Watch stream: iterate for events, cancel() from any thread to stop it.
+    When its registry goes away the client's next call goes to the next address: a
+    watch started again from the last revision seen resumes there."""
 
-    def __init__(self, client: RegistryClient, call: Any) -> None:
+    def __init__(self, client: RegistryClient, call: Any, index: int) -> None:
         self._client = client
         self._call = call
+        self._index = index
         self._cancelled = threading.Event()
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
@@ -138,7 +142,7 @@ class Watch:
         except grpc.RpcError as e:
             if self._cancelled.is_set() and _call(e).code() == grpc.StatusCode.CANCELLED:
                 return
-            raise self._client._error(e) from None
+            raise self._client._failover(e, self._index) from None
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -148,11 +152,13 @@ class Watch:
 class RegistryClient:
     """The registry's five calls with Python types and errors.
 
-    address is a gRPC target: `unix:///path` or `host:port`. A host:port is dialled
-    with mTLS when tls is given; a unix socket is always plain (it is local, and
-    its callers are admin). Unary calls fail fast when nothing listens and give up
-    after `timeout` seconds; every failure is a RegistryError (RegistryUnavailable
-    when the registry cannot be reached). Bad TLS files raise TlsError at once.
+    address is a gRPC target: `unix:///path` or `host:port`, or several of them
+    separated by commas (registries sharing one etcd store): calls go to one until it
+    is unavailable, then to the next. A host:port is dialled with mTLS when tls is
+    given; a unix socket is always plain (it is local, and its callers are admin).
+    Unary calls fail fast when nothing listens and give up after `timeout` seconds;
+    every failure is a RegistryError (RegistryUnavailable when no registry can be
+    reached). Bad TLS files raise TlsError at once.
     """
 
     def __init__(
@@ -161,17 +167,25 @@ class RegistryClient:
         timeout: float = DEFAULT_TIMEOUT,
         tls: TlsConfig | None = None,
     ) -> None:
-        self.address = address
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()] or [address]
         self.timeout = timeout
-        self.tls = None if address.startswith("unix:") else tls
+        self.tls = None if all(a.startswith("unix:") for a in self.addresses) else tls
+        self._current = 0
+        self._channels = [self._dial(a) for a in self.addresses]
+        self._stubs = [pb_grpc.RegistryStub(ch) for ch in self._channels]
+
+    def _dial(self, address: str) -> grpc.Channel:
         opts: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-        if self.tls is None:
-            self._channel = grpc.insecure_channel(address, options=opts)
-        else:
-            if self.tls.server_name:
-                opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
-            self._channel = grpc.secure_channel(address, self.tls.credentials(), options=opts)
-        self._stub = pb_grpc.RegistryStub(self._channel)
+        if self.tls is None or address.startswith("unix:"):
+            return grpc.insecure_channel(address, options=opts)
+        if self.tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return grpc.secure_channel(address, self.tls.credentials(), options=opts)
+
+    @property
+    def address(self) -> str:
+        """The registry calls go to now."""
+        return self.addresses[self._current]
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -185,16 +199,28 @@ class RegistryClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def wait_ready(self, timeout: float) -> None:
-        """Block until the channel is connected; RegistryUnavailable after timeout seconds."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise RegistryUnavailable(
-                self.address, grpc.StatusCode.UNAVAILABLE, f"not ready after {timeout:g}s"
-            ) from None
+        """Block until a registry is connected (calls then go to it);
+        RegistryUnavailable after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, channel in enumerate(self._channels):
+                wait = min(0.5, max(deadline - time.monotonic(), 0.01))
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=wait)
+                except grpc.FutureTimeoutError:
+                    continue
+                self._current = i
+                return
+            if time.monotonic() >= deadline:
+                raise RegistryUnavailable(
+                    ",".join(self.addresses),
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"not ready after {timeout:g}s",
+                )
 
     # ---------------------------------------------------------------- calls
 
@@ -202,7 +228,7 @@ class RegistryClient:
         """Store all objects atomically; the response has each stored object and
         kubectl's word for what happened to it (created / configured / unchanged)."""
         req = pb.ApplyRequest(objects=list(objects), dry_run=dry_run)
-        resp: pb.ApplyResponse = self._unary(self._stub.Apply, req)
+        resp: pb.ApplyResponse = self._unary("Apply", req)
         return resp
 
     def delete(self, key: Key, *, grace_period_seconds: int | None = None) -> pb.Object:
@@ -211,11 +237,11 @@ class RegistryClient:
         req = pb.DeleteRequest(key=_key(key))
         if grace_period_seconds is not None:
             req.grace_period_seconds = grace_period_seconds
-        resp: pb.DeleteResponse = self._unary(self._stub.Delete, req)
+        resp: pb.DeleteResponse = self._unary("Delete", req)
         return resp.object
 
     def get(self, key: Key) -> pb.Object:
-        obj: pb.Object = self._unary(self._stub.Get, pb.GetRequest(key=_key(key)))
+        obj: pb.Object = self._unary("Get", pb.GetRequest(key=_key(key)))
         return obj
 
     def list(
@@ -224,7 +250,7 @@ class RegistryClient:
         """Objects of one kind ("" = all) in one namespace ("" = all), with the
         revision they were read at."""
         req = pb.ListRequest(kind=kind, namespace=namespace, label_selector=label_selector)
-        resp: pb.ListResponse = self._unary(self._stub.List, req)
+        resp: pb.ListResponse = self._unary("List", req)
         return resp
 
     def watch(
@@ -242,26 +268,42 @@ class RegistryClient:
             label_selector=label_selector,
             resource_version=resource_version,
         )
-        return Watch(self, self._stub.Watch(req))
+        i = self._current
+        return Watch(self, self._stubs[i].Watch(req), i)
 
     # ---------------------------------------------------------------- helpers
 
-    def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+    def _unary(self, method: str, request: Any) -> Any:
+        """Call method on the current registry, and on each next one while the one
+        called is unavailable."""
+        for _ in self.addresses:
+            i = self._current
+            try:
+                return getattr(self._stubs[i], method)(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                error = self._failover(e, i)
+            if not isinstance(error, RegistryUnavailable):
+                break
+        raise error
 
-    def _error(self, e: grpc.RpcError) -> RegistryError:
+    def _failover(self, e: grpc.RpcError, i: int) -> RegistryError:
+        """The error of a call to address i; when that registry is unavailable the
+        calls that follow go to the next address."""
+        error = self._error(e, self.addresses[i])
+        if isinstance(error, RegistryUnavailable) and self._current == i:
+            self._current = (i + 1) % len(self.addresses)
+        return error
+
+    def _error(self, e: grpc.RpcError, address: str) -> RegistryError:
         code = _call(e).code()
         details = _call(e).details() or str(code)
         if code == grpc.StatusCode.UNAVAILABLE:
             why = _CONNECT_NOISE.sub("", details)
-            if not self.address.startswith("unix:"):
+            if not address.startswith("unix:"):
                 why += _handshake_hint(why, self.tls)
-            return RegistryUnavailable(self.address, code, why)
+            return RegistryUnavailable(address, code, why)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return RegistryUnavailable(self.address, code, f"no answer within {self.timeout:g}s")
+            return RegistryUnavailable(address, code, f"no answer within {self.timeout:g}s")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_TOO_LARGE):
             details += " (the registry's --max-message-bytes): nothing was stored"
         return RegistryError(code, details)

@@ -14,6 +14,7 @@ packages=(
   python3-bpfcc python3-venv python3-yaml bpftool linux-headers-amd64
   iproute2 iptables nftables containernetworking-plugins
   nginx-light curl socat iperf3
+  etcd-server  # the HA store's tests run a 3-member etcd on loopback
   vagrant  # only for `vagrant validate` in the tests; VMs need a provider too (docs/vagrant.md)
 )
 missing=()
@@ -27,6 +28,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Debian starts nginx on install; ebpflb runs its own nginx inside pods.
   if [[ " ${missing[*]} " == *" nginx-light "* ]] && command -v systemctl >/dev/null; then
     as_root systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
+  # Nor is etcd a service here: the tests (and `--store etcd://`) run their own members.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null; then
+    as_root systemctl disable --now etcd >/dev/null 2>&1 || true
   fi
 else
   say "Debian packages: all ${#packages[@]} present"

@@ -4,12 +4,15 @@ state, persisted through a Store, with an ordered, resumable event stream."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Concatenate, ParamSpec, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -28,10 +31,24 @@ from ebpflb.objects import (
 )
 from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
 from ebpflb.registry.endpoints import MANAGED_BY, MANAGED_BY_LABEL, compute_slices
-from ebpflb.registry.store import ADDED, DELETED, MODIFIED, Event, Store, StoreError
+from ebpflb.registry.store import (
+    ADDED,
+    DELETED,
+    MODIFIED,
+    Event,
+    SharedStore,
+    Store,
+    StoreConflict,
+    StoreError,
+    StoreGap,
+)
 from ebpflb.validation import apply_defaults, validate
 
 BOOKMARK = pb.WatchEvent.BOOKMARK
+# How often a write is tried again after other registries sharing the store wrote first.
+CONFLICT_TRIES = 50
+
+log = logging.getLogger("ebpflb.registry")
 
 
 class Reason(Enum):
@@ -90,6 +107,34 @@ class _Txn:
 
 
 Matcher = Callable[[Key, pb.Object], bool]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Conflict(RegistryError):
+    """A commit lost to another registry's write on a shared store."""
+
+
+def _retried(
+    write: Callable[Concatenate[Registry, P], R],
+) -> Callable[Concatenate[Registry, P], R]:
+    """Run a write again, on the state brought up to date, after it lost to another
+    registry's: its validation and allocations are then made on what that one stored."""
+
+    @functools.wraps(write)
+    def retry(self: Registry, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        for _ in range(CONFLICT_TRIES):
+            try:
+                return write(self, *args, **kwargs)
+            except _Conflict:
+                self._catch_up()
+        raise RegistryError(
+            Reason.UNAVAILABLE,
+            f"the store kept changing: {CONFLICT_TRIES} tries lost to other registries' "
+            "writes; nothing was stored, try again",
+        )
+
+    return retry
 
 
 class Registry:
@@ -127,6 +172,13 @@ class Registry:
         self._load()
         self._reaper = threading.Thread(target=self._reap_loop, name="pod-reaper", daemon=True)
         self._reaper.start()
+        self._shared = store if isinstance(store, SharedStore) else None
+        self._follower: threading.Thread | None = None
+        if self._shared is not None:
+            self._follower = threading.Thread(
+                target=self._follow_loop, args=(self._shared,), name="follow-store", daemon=True
+            )
+            self._follower.start()
 
     # ------------------------------------------------------------ state
 
@@ -261,16 +313,81 @@ class Registry:
         self._sync_endpoints(txn)
         try:
             self.store.commit(txn.events)
+        except StoreConflict as e:
+            self._rollback(txn)
+            raise _Conflict(Reason.CONFLICT, str(e)) from e
         except StoreError as e:
             self._rollback(txn)
             raise RegistryError(Reason.UNAVAILABLE, str(e)) from e
-        if not self._events and txn.events:
-            self._first_rev = txn.events[0].rev
-        self._events.extend(txn.events)
+        self._publish(txn.events)
+
+    def _publish(self, events: list[Event]) -> None:
+        """Append committed events to the log and wake the watchers."""
+        if not self._events and events:
+            self._first_rev = events[0].rev
+        self._events.extend(events)
         if len(self._events) > self.history * 2:
             del self._events[: len(self._events) - self.history]
             self._first_rev = self._events[0].rev
         self._cond.notify_all()
+
+    # ------------------------------------------------------------ a shared store
+
+    def _take_remote(self, events: list[Event]) -> None:
+        """Apply events other registries committed, as if they were this one's own."""
+        fresh = [ev for ev in events if ev.rev > self._revision]
+        for ev in fresh:
+            if ev.rev != self._revision + 1:
+                raise StoreGap(f"event {ev.rev} follows revision {self._revision}")
+            old = self._objects.get(ev.key)
+            if old is not None:
+                self._index(ev.key, old, add=False)
+            if ev.type != DELETED:
+                self._index(ev.key, ev.obj, add=True)
+            self._revision = ev.rev
+        self._publish(fresh)
+
+    def _catch_up(self) -> None:
+        """Take in what other registries committed since this one's revision."""
+        assert self._shared is not None
+        with self._lock:
+            try:
+                self._take_remote(self._shared.events_after(self._revision))
+            except StoreGap as e:
+                self._reload(e)
+            except StoreError as e:
+                raise RegistryError(Reason.UNAVAILABLE, str(e)) from e
+
+    def _reload(self, why: StoreGap) -> None:
+        """Start over from the store's state: this registry fell behind its compacted
+        history. Watchers from before the gap get GONE and relist."""
+        log.warning("%s: reloading the whole state from the store", why)
+        self._objects.clear()
+        for index in (self._pod_labels, self._svc_selectors):
+            index.clear()
+        for kind in self._by_kind.values():
+            kind.clear()
+        self._slices_of.clear()
+        self._cluster_ips.clear()
+        self._node_ports.clear()
+        self._terminating.clear()
+        self._load()
+        self._cond.notify_all()
+
+    def _follow_loop(self, store: SharedStore) -> None:
+        """Takes in other registries' writes as they land, so that this registry's
+        watchers see them within milliseconds, not only at its next conflict."""
+        while not self._closed:
+            try:
+                events = store.wait_events(self.revision, timeout=1.0)
+                with self._lock:
+                    if events and not self._closed:
+                        self._take_remote(events)
+            except StoreGap:
+                self._catch_up()
+            except StoreError as e:
+                log.warning("following the store: %s", e)
+                time.sleep(0.5)
 
     # ------------------------------------------------------------ endpoints controller
 
@@ -327,6 +444,7 @@ class Registry:
         elif n.HasField("deletion_grace_period_seconds"):
             n.ClearField("deletion_grace_period_seconds")
 
+    @_retried
     def apply(self, objects: list[pb.Object], dry_run: bool = False) -> ApplyResult:
         """Create or update every object, atomically: all are stored or none."""
         with self._lock:
@@ -516,6 +634,7 @@ class Registry:
         else:
             spec.health_check_node_port = 0
 
+    @_retried
     def delete(self, key: Key, grace_period_seconds: int | None = None) -> pb.Object:
         """Remove an object; a Pod given a grace period stays, terminating, until it ends."""
         with self._lock:
@@ -687,6 +806,8 @@ class Registry:
                 last_sent = time.monotonic()
 
     def _check_resumable(self, rev: int) -> None:
+        if rev > self._revision and self._shared is not None:
+            self._catch_up()  # another registry may have handed rev out a moment ago
         # Events are kept from _first_rev on: a watcher at rev needs rev + 1 onwards.
         if rev < self._first_rev - 1:
             raise RegistryError(
@@ -709,6 +830,8 @@ class Registry:
             self._closed = True
             self._cond.notify_all()
         self._reaper.join(timeout=2)
+        if self._follower is not None:
+            self._follower.join(timeout=3)
         self.store.close()
 
 

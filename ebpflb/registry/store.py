@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from ebpflb.api.v1 import registry_pb2 as pb
@@ -50,8 +50,28 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store several registries write to. commit() raises StoreConflict unless the
+    store's revision is still the one just before events[0]; a registry then takes
+    the events it missed with events_after() and tries again. wait_events() is how a
+    registry follows the others' writes."""
+
+    def events_after(self, revision: int) -> list[Event]: ...
+
+    def wait_events(self, revision: int, timeout: float) -> list[Event]: ...
+
+
 class StoreError(RuntimeError):
     """The store could not write or read; the change was not made."""
+
+
+class StoreConflict(StoreError):
+    """Another registry wrote first: the store is past the revision this commit follows."""
+
+
+class StoreGap(StoreError):
+    """The events after a revision are compacted away: reload the whole state."""
 
 
 def _key_text(key: Key) -> str:
@@ -154,11 +174,19 @@ class SqliteStore:
 
 
 def open_store(url: str, history: int = 100_000) -> Store:
-    """A store from its URL: sqlite:///abs/path.db (or sqlite://rel/path.db)."""
+    """A store from its URL: sqlite:///abs/path.db (or sqlite://rel/path.db), or
+    etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (shared by several registries)."""
     u = urlparse(url)
+    if u.scheme == "etcd":
+        from ebpflb.registry.etcd import EtcdStore, parse_etcd_url
+
+        endpoints, prefix = parse_etcd_url(url)
+        return EtcdStore(endpoints, prefix=prefix, history=history)
     if u.scheme == "sqlite":
         path = (u.netloc + u.path) if u.netloc else u.path
         if not path:
             raise ValueError(f"store URL {url!r} names no file")
         return SqliteStore(path, history=history)
-    raise ValueError(f"unsupported store URL {url!r}: expected sqlite:///PATH")
+    raise ValueError(
+        f"unsupported store URL {url!r}: expected sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...]"
+    )
