@@ -37,6 +37,7 @@ from ebpflb.registry.store import (
     MODIFIED,
     Event,
     SharedStore,
+    Snapshot,
     Store,
     StoreConflict,
     StoreError,
@@ -182,8 +183,8 @@ class Registry:
 
     # ------------------------------------------------------------ state
 
-    def _load(self) -> None:
-        snap = self.store.load()
+    def _load(self, snap: Snapshot | None = None) -> None:
+        snap = snap or self.store.load()
         for obj, _rev in snap.objects:
             self._index(key_of(obj), obj, add=True)
         self._revision = snap.revision
@@ -362,6 +363,7 @@ class Registry:
         """Start over from the store's state: this registry fell behind its compacted
         history. Watchers from before the gap get GONE and relist."""
         log.warning("%s: reloading the whole state from the store", why)
+        snap = self.store.load()  # before anything is cleared: it may fail
         self._objects.clear()
         for index in (self._pod_labels, self._svc_selectors):
             index.clear()
@@ -371,7 +373,7 @@ class Registry:
         self._cluster_ips.clear()
         self._node_ports.clear()
         self._terminating.clear()
-        self._load()
+        self._load(snap)
         self._cond.notify_all()
 
     def _follow_loop(self, store: SharedStore) -> None:
@@ -379,12 +381,14 @@ class Registry:
         watchers see them within milliseconds, not only at its next conflict."""
         while not self._closed:
             try:
-                events = store.wait_events(self.revision, timeout=1.0)
-                with self._lock:
-                    if events and not self._closed:
-                        self._take_remote(events)
-            except StoreGap:
-                self._catch_up()
+                try:
+                    events = store.wait_events(self.revision, timeout=1.0)
+                    with self._lock:
+                        if events and not self._closed:
+                            self._take_remote(events)
+                except StoreGap as e:
+                    with self._lock:
+                        self._reload(e)
             except StoreError as e:
                 log.warning("following the store: %s", e)
                 time.sleep(0.5)

@@ -23,8 +23,10 @@ from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, Watch
 from ebpflb.objects import from_manifest
-from ebpflb.registry.etcd import EtcdStore
-from ebpflb.registry.store import StoreError
+from ebpflb.registry.core import Reason, Registry
+from ebpflb.registry.core import RegistryError as CoreError
+from ebpflb.registry.etcd import EtcdStore, parse_etcd_url
+from ebpflb.registry.store import StoreError, StoreGap
 from tests.api.etcd_cluster import EtcdCluster, etcd_cluster, free_ports
 from tests.conftest import EBPFLB, RegistryProcess
 
@@ -293,6 +295,33 @@ def test_applies_keep_succeeding_when_an_etcd_member_dies(tmp_path: Path) -> Non
                 f"kill took {slowest * 1000:.0f} ms"
             )
             client.close()
+
+
+def test_old_events_are_compacted_in_etcd(etcd: EtcdCluster) -> None:
+    """As the SQLite store does: events older than `history` revisions go; a registry
+    then starts from the objects, and a watch from before the kept events is GONE."""
+    endpoints, prefix = parse_etcd_url(etcd.url(fresh_prefix()))
+    registry = Registry(EtcdStore(endpoints, prefix=prefix, history=10), history=10)
+    try:
+        for k in range(40):
+            registry.apply([service(f"c{k}")])
+    finally:
+        registry.close()
+    kept = [int(k.rsplit("/", 1)[1]) for k in etcd.keys(prefix + "/events/")]
+    assert max(kept) == 40 and min(kept) >= 40 - 10 - 2, kept
+    store = EtcdStore(endpoints, prefix=prefix)
+    assert [ev.rev for ev in store.events_after(35)] == [36, 37, 38, 39, 40]
+    with pytest.raises(StoreGap, match="after revision 5 are compacted"):
+        store.events_after(5)
+    again = Registry(store)
+    try:
+        assert again.revision == 40 and again.object_count == 40
+        with pytest.raises(CoreError) as gone:
+            next(again.watch(kind="Service", resource_version="5"))
+        assert gone.value.reason == Reason.GONE
+    finally:
+        again.close()
+    say(f"history 10: after 40 revisions etcd keeps the events of revisions {min(kept)}-40")
 
 
 @pytest.mark.parametrize(
