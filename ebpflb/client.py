@@ -70,6 +70,7 @@ class RegistryUnavailable(RegistryError):
     def __init__(self, address: str, code: grpc.StatusCode, why: str) -> None:
         super().__init__(code, f"cannot reach the registry at {address}: {why}")
         self.address = address
+        self.why = why
 
 
 class TlsError(ValueError):
@@ -276,6 +277,7 @@ class RegistryClient:
     def _unary(self, method: str, request: Any) -> Any:
         """Call method on the current registry, and on each next one while the one
         called is unavailable."""
+        unavailable: RegistryUnavailable | None = None
         for _ in self.addresses:
             i = self._current
             try:
@@ -283,8 +285,14 @@ class RegistryClient:
             except grpc.RpcError as e:
                 error = self._failover(e, i)
             if not isinstance(error, RegistryUnavailable):
-                break
-        raise error
+                raise error
+            unavailable = error
+        assert unavailable is not None
+        if len(self.addresses) > 1:
+            # None answered: say so, with the last one's reason.
+            where = ", ".join(self.addresses)
+            raise RegistryUnavailable(where, unavailable.code, unavailable.why)
+        raise unavailable
 
     def _failover(self, e: grpc.RpcError, i: int) -> RegistryError:
         """The error of a call to address i; when that registry is unavailable the

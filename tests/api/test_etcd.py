@@ -21,7 +21,7 @@ import pytest
 
 from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
-from ebpflb.client import RegistryClient, RegistryError, Watch
+from ebpflb.client import RegistryClient, RegistryError, RegistryUnavailable, Watch
 from ebpflb.objects import from_manifest
 from ebpflb.registry.core import Reason, Registry
 from ebpflb.registry.core import RegistryError as CoreError
@@ -248,6 +248,12 @@ def test_client_and_agent_watcher_fail_over_when_a_registry_dies(
             f"{apply_failover * 1000:.0f} ms; the agent's watcher resumed on B "
             f"(no relist) and had the new Service {watch_failover * 1000:.0f} ms after the kill"
         )
+        rb.kill(signal.SIGKILL)
+        with pytest.raises(RegistryUnavailable) as down:
+            client.list("Service")
+        assert down.value.details.startswith(
+            f"cannot reach the registry at {ra.address}, {rb.address}: "
+        ), down.value.details
         client.close()
 
 
