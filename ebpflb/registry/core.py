@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -364,15 +364,18 @@ class Registry:
         history. Watchers from before the gap get GONE and relist."""
         log.warning("%s: reloading the whole state from the store", why)
         snap = self.store.load()  # before anything is cleared: it may fail
-        self._objects.clear()
-        for index in (self._pod_labels, self._svc_selectors):
+        indexes: list[dict[Any, Any] | set[Key]] = [
+            self._objects,
+            *self._by_kind.values(),
+            self._pod_labels,
+            self._svc_selectors,
+            self._slices_of,
+            self._cluster_ips,
+            self._node_ports,
+            self._terminating,
+        ]
+        for index in indexes:
             index.clear()
-        for kind in self._by_kind.values():
-            kind.clear()
-        self._slices_of.clear()
-        self._cluster_ips.clear()
-        self._node_ports.clear()
-        self._terminating.clear()
         self._load(snap)
         self._cond.notify_all()
 

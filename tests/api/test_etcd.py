@@ -330,6 +330,35 @@ def test_old_events_are_compacted_in_etcd(etcd: EtcdCluster) -> None:
     say(f"history 10: after 40 revisions etcd keeps the events of revisions {min(kept)}-40")
 
 
+def test_registry_behind_the_compacted_history_reloads(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A registry stopped while the others write past its history starts over from the
+    objects: it ends with every object, and its old watch is told to relist."""
+    url = etcd.url(fresh_prefix())
+    endpoints, prefix = parse_etcd_url(url)
+    writer = Registry(EtcdStore(endpoints, prefix=prefix, history=10), history=10)
+    try:
+        writer.apply([service("first")])
+        with registries(url, tmp_path, 1) as (proc,):
+            client = RegistryClient(proc.address, timeout=30)
+            watch = client.watch(kind="Service", resource_version="1")
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGSTOP)
+            try:
+                for k in range(40):
+                    writer.apply([service(f"g{k}")])
+            finally:
+                proc.proc.send_signal(signal.SIGCONT)
+            with pytest.raises(RegistryError) as gone:
+                events(watch, 41)
+            assert gone.value.code == grpc.StatusCode.OUT_OF_RANGE, gone.value.details
+            eventually(lambda: len(client.list("Service").items) == 41)
+            assert client.list("Service").items == writer.list("Service")[0]
+            client.close()
+        assert "reloading the whole state from the store" in (tmp_path / "r0.log").read_text()
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [
