@@ -25,12 +25,12 @@ pytestmark = [
 ]
 
 
-def service(name: str, label: str, port: int = 80) -> dict[str, Any]:
+def service(name: str, label: str, port: int = 80, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name},
-        "spec": {"selector": {"app": label}, "ports": [{"port": port, "targetPort": 80}]},
+        "spec": {"selector": {"app": label}, "ports": [{"port": port, "targetPort": 80}], **spec},
     }
 
 
@@ -120,8 +120,8 @@ def lb() -> Iterator[LbCluster]:
         yield lb
 
 
-def add_web(lb: LbCluster, label: str, name: str, attached: bool = True) -> Pod:
-    p = lb.cluster.add_pod(lb.cluster.nodes[0], name)
+def add_web(lb: LbCluster, label: str, name: str, attached: bool = True, node: int = 0) -> Pod:
+    p = lb.cluster.add_pod(lb.cluster.nodes[node], name)
     lb.cluster.start_http_server(p, port=80)
     lb.register_pod(p, {"app": label}, [])
     if attached:
@@ -173,6 +173,56 @@ def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
         f"\nagent killed twice: {traffic.new_connections} new connections and "
         f"{traffic.long_requests} requests on 3 long connections, 0 failed"
     )
+
+
+def test_kill_9_and_restart_the_agent_under_node_port_traffic() -> None:
+    """The same through a NodePort on a two-node cluster, from the outside client to node 0,
+    whose agent is killed: backends on node 0 (DNAT) and on node 1 (DNAT + SNAT, the reply
+    reverse-translated by node 0's external program), a NodePort Service made while it is
+    down served after it returns."""
+    with LbCluster(nodes=2) as lb:
+        node = lb.cluster.nodes[0]
+        for i in range(2):
+            add_web(lb, "npsteady", f"npsteady{i}", node=i)
+        port = lb.apply(service("npsteady", "npsteady", type="NodePort"))
+        node_port = port.objects[0].service.spec.ports[0].node_port
+        outside = lb.cluster.ns(lb.cluster.external)
+
+        def answers(port: int) -> None:
+            with outside.socket() as s:
+                s.settimeout(2)
+                s.connect((node.ip, port))
+
+        eventually(lambda: answers(node_port))
+        before = map_ids(str(lb.pin_dir(node)))
+        traffic = Traffic(outside, node.ip, node_port)
+        threads = traffic.start()
+        try:
+            time.sleep(1)
+            for round_ in range(2):
+                lb.stop_agent(node, signal.SIGKILL)
+                name = f"np-while-down{round_}"
+                pod = add_web(lb, name, f"{name}-pod", attached=False)
+                svc = lb.apply(service(name, name, port=8080, type="NodePort"))
+                new_port = svc.objects[0].service.spec.ports[0].node_port
+                time.sleep(1)
+                lb.start_agent(node)
+                lb.wait_attached(pod)
+                eventually(lambda new_port=new_port: answers(new_port), timeout=60)
+                time.sleep(1)
+        finally:
+            traffic.stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        resets = sum("Reset" in f for f in traffic.failures)
+        print(
+            f"\nNodePort, agent killed twice: {traffic.new_connections} new connections and "
+            f"{traffic.long_requests} requests on 3 long connections from outside, "
+            f"{len(traffic.failures)} failed, {resets} resets"
+        )
+        assert traffic.failures == []
+        assert traffic.long_requests > 50 and traffic.new_connections > 50
+        assert map_ids(str(lb.pin_dir(node))) == before  # adopted, not recreated
 
 
 def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) -> None:
