@@ -117,6 +117,8 @@ http {{
     scgi_temp_path {d}/scgi;
     default_type text/plain;
     keepalive_timeout 5s;
+    # Long connections must outlive a test (the default closes one after 1000 requests).
+    keepalive_requests 1000000;
     server {{
         listen {port};
         location / {{

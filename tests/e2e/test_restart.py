@@ -11,13 +11,15 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ebpflb.cluster import Pod
 from ebpflb.cluster.netns import Netns
-from ebpflb.harness import LbCluster, eventually
+from ebpflb.datapath.maps import LbMaps, Row
+from ebpflb.harness import LbCluster, eventually, until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -25,12 +27,12 @@ pytestmark = [
 ]
 
 
-def service(name: str, label: str, port: int = 80) -> dict[str, Any]:
+def service(name: str, label: str, port: int = 80, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name},
-        "spec": {"selector": {"app": label}, "ports": [{"port": port, "targetPort": 80}]},
+        "spec": {"selector": {"app": label}, "ports": [{"port": port, "targetPort": 80}], **spec},
     }
 
 
@@ -114,14 +116,28 @@ def map_ids(pin_dir: str) -> dict[str, int]:
     return out
 
 
+def balancing_entries(pin_dir: Path) -> dict[str, set[tuple[Row, Row]]]:
+    """What the agent programs: the entries of the four maps it writes."""
+    maps = LbMaps.open(pin_dir)
+    try:
+        return {
+            "services": set(maps.services.rows()),
+            "backends": set(maps.backends.rows()),
+            "service_backends": set(maps.service_backends.rows()),
+            "service_members": set(maps.service_members.rows()),
+        }
+    finally:
+        maps.close()
+
+
 @pytest.fixture(scope="module")
 def lb() -> Iterator[LbCluster]:
     with LbCluster(nodes=1) as lb:
         yield lb
 
 
-def add_web(lb: LbCluster, label: str, name: str, attached: bool = True) -> Pod:
-    p = lb.cluster.add_pod(lb.cluster.nodes[0], name)
+def add_web(lb: LbCluster, label: str, name: str, attached: bool = True, node: int = 0) -> Pod:
+    p = lb.cluster.add_pod(lb.cluster.nodes[node], name)
     lb.cluster.start_http_server(p, port=80)
     lb.register_pod(p, {"app": label}, [])
     if attached:
@@ -175,6 +191,56 @@ def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
     )
 
 
+def test_kill_9_and_restart_the_agent_under_node_port_traffic() -> None:
+    """The same through a NodePort on a two-node cluster, from the outside client to node 0,
+    whose agent is killed: backends on node 0 (DNAT) and on node 1 (DNAT + SNAT, the reply
+    reverse-translated by node 0's external program), a NodePort Service made while it is
+    down served after it returns."""
+    with LbCluster(nodes=2) as lb:
+        node = lb.cluster.nodes[0]
+        for i in range(2):
+            add_web(lb, "npsteady", f"npsteady{i}", node=i)
+        port = lb.apply(service("npsteady", "npsteady", type="NodePort"))
+        node_port = port.objects[0].service.spec.ports[0].node_port
+        outside = lb.cluster.ns(lb.cluster.external)
+
+        def answers(port: int) -> None:
+            with outside.socket() as s:
+                s.settimeout(2)
+                s.connect((node.ip, port))
+
+        eventually(lambda: answers(node_port))
+        before = map_ids(str(lb.pin_dir(node)))
+        traffic = Traffic(outside, node.ip, node_port)
+        threads = traffic.start()
+        try:
+            time.sleep(1)
+            for round_ in range(2):
+                lb.stop_agent(node, signal.SIGKILL)
+                name = f"np-while-down{round_}"
+                pod = add_web(lb, name, f"{name}-pod", attached=False)
+                svc = lb.apply(service(name, name, port=8080, type="NodePort"))
+                new_port = svc.objects[0].service.spec.ports[0].node_port
+                time.sleep(1)
+                lb.start_agent(node)
+                lb.wait_attached(pod)
+                eventually(lambda new_port=new_port: answers(new_port), timeout=60)
+                time.sleep(1)
+        finally:
+            traffic.stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        resets = sum("Reset" in f for f in traffic.failures)
+        print(
+            f"\nNodePort, agent killed twice: {traffic.new_connections} new connections and "
+            f"{traffic.long_requests} requests on 3 long connections from outside, "
+            f"{len(traffic.failures)} failed, {resets} resets"
+        )
+        assert traffic.failures == []
+        assert traffic.long_requests > 50 and traffic.new_connections > 50
+        assert map_ids(str(lb.pin_dir(node))) == before  # adopted, not recreated
+
+
 def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) -> None:
     node = lb.cluster.nodes[0]
     client = lb.cluster.add_client_pod(node, "client-r")
@@ -210,3 +276,63 @@ def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) ->
         assert {get() for _ in range(20)} == {"regdown0", "regdown1"}
 
     eventually(both, timeout=60)
+
+
+def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbCluster) -> None:
+    """kill -9 the registry under ClusterIP traffic: while it is down the agent changes no map
+    entry and traffic flows; after it restarts (same store) the agent resumes its watches from
+    the revision it had (no relist, so no reprogramming from a fresh listing: the log says
+    which), and a Service made then reaches the maps beside the old entries, all unchanged."""
+    node = lb.cluster.nodes[0]
+    client = lb.cluster.add_client_pod(node, "client-regkill")
+    lb.wait_attached(client)
+    for i in range(2):
+        add_web(lb, "regkill", f"regkill{i}")
+    lb.apply(service("regkill", "regkill"))
+    vip = lb.cluster_ip("regkill")
+    ns = lb.cluster.ns(client)
+
+    def answers(ip: str, port: int) -> None:
+        with ns.socket() as s:
+            s.settimeout(2)
+            s.connect((ip, port))
+
+    eventually(lambda: answers(vip, 80))
+    pins = lb.pin_dir(node)
+    before = balancing_entries(pins)
+    log_start = len(lb.agent_log(node))
+    traffic = Traffic(ns, vip, 80)
+    threads = traffic.start()
+    try:
+        time.sleep(1)
+        assert lb.registry_proc is not None
+        lb.registry_proc.send_signal(signal.SIGKILL)
+        lb.registry_proc.wait(timeout=10)
+        # Down long enough for the agent's watches to fail and retry several times.
+        until(lambda: lb.agent_log(node)[log_start:].count("retrying in") >= 4, timeout=30)
+        time.sleep(2)
+        assert balancing_entries(pins) == before
+        down_connections = traffic.new_connections
+        lb.start_registry()
+        lb.apply(service("regkill-after", "regkill", port=8080))
+        new_vip = lb.cluster_ip("regkill-after")
+        eventually(lambda: answers(new_vip, 8080), timeout=60)
+        time.sleep(1)
+    finally:
+        traffic.stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    after = balancing_entries(pins)
+    log = lb.agent_log(node)[log_start:]
+    print(
+        f"\nregistry killed: {traffic.new_connections} new connections "
+        f"({down_connections} by the time it restarted) and {traffic.long_requests} requests "
+        f"on 3 long connections, {len(traffic.failures)} failed; agent log: "
+        f"{log.count('retrying in')} watch retries, {log.count('relisting')} relists"
+    )
+    assert traffic.failures == []
+    assert traffic.new_connections > down_connections > 0
+    for name, entries in before.items():
+        assert entries <= after[name], f"{name}: entries changed: {entries - after[name]}"
+    assert len(after["services"]) == len(before["services"]) + 1
+    assert "relisting" not in log and "full resync" not in log
