@@ -145,22 +145,41 @@ def add_web(lb: LbCluster, label: str, name: str, attached: bool = True, node: i
     return p
 
 
-def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
-    node = lb.cluster.nodes[0]
-    client = lb.cluster.add_client_pod(node)
-    lb.wait_attached(client)
-    for i in range(2):
-        add_web(lb, "steady", f"steady{i}")
-    lb.apply(service("steady", "steady"))
-    vip = lb.cluster_ip("steady")
-    ns = lb.cluster.ns(client)
+@dataclass
+class Steady:
+    """A ClusterIP Service with two backends on node 0 and a client pod beside them."""
 
-    def answers(ip: str, port: int) -> None:
-        with ns.socket() as s:
+    ns: Netns
+    vip: str
+
+    def answers(self, ip: str, port: int) -> None:
+        with self.ns.socket() as s:
             s.settimeout(2)
             s.connect((ip, port))
 
-    eventually(lambda: answers(vip, 80))
+
+def steady_service(lb: LbCluster, label: str, client_name: str | None = None) -> Steady:
+    """Two backends labelled `label`, a Service over them and a client pod; returns once
+    the client reaches the Service."""
+    node = lb.cluster.nodes[0]
+    client = (
+        lb.cluster.add_client_pod(node, client_name)
+        if client_name
+        else lb.cluster.add_client_pod(node)
+    )
+    lb.wait_attached(client)
+    for i in range(2):
+        add_web(lb, label, f"{label}{i}")
+    lb.apply(service(label, label))
+    steady = Steady(lb.cluster.ns(client), lb.cluster_ip(label))
+    eventually(lambda: steady.answers(steady.vip, 80))
+    return steady
+
+
+def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
+    node = lb.cluster.nodes[0]
+    steady = steady_service(lb, "steady")
+    ns, vip, answers = steady.ns, steady.vip, steady.answers
     before = map_ids(str(lb.pin_dir(node)))
     traffic = Traffic(ns, vip, 80)
     threads = traffic.start()
@@ -284,20 +303,8 @@ def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbC
     the revision it had (no relist, so no reprogramming from a fresh listing: the log says
     which), and a Service made then reaches the maps beside the old entries, all unchanged."""
     node = lb.cluster.nodes[0]
-    client = lb.cluster.add_client_pod(node, "client-regkill")
-    lb.wait_attached(client)
-    for i in range(2):
-        add_web(lb, "regkill", f"regkill{i}")
-    lb.apply(service("regkill", "regkill"))
-    vip = lb.cluster_ip("regkill")
-    ns = lb.cluster.ns(client)
-
-    def answers(ip: str, port: int) -> None:
-        with ns.socket() as s:
-            s.settimeout(2)
-            s.connect((ip, port))
-
-    eventually(lambda: answers(vip, 80))
+    steady = steady_service(lb, "regkill", "client-regkill")
+    ns, vip, answers = steady.ns, steady.vip, steady.answers
     pins = lb.pin_dir(node)
     before = balancing_entries(pins)
     log_start = len(lb.agent_log(node))
