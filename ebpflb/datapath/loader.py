@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -233,6 +234,22 @@ def _tc_replace(ipr: Any, ifindex: int, parent: str, name: str, fd: int) -> None
     )
 
 
+def _tc_programs(ifname: str, direction: Direction) -> list[tuple[str, int]]:
+    """(name, program id) of the BPF filters at our prio on a tc hook of ifname (from tc:
+    pyroute2 does not decode the program id)."""
+    out = subprocess.run(
+        ["tc", "-j", "filter", "show", "dev", ifname, direction],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [
+        (str(f["options"]["bpf_name"]), int(f["options"]["prog"]["id"]))
+        for f in json.loads(out or "[]")
+        if f.get("kind") == "bpf" and f.get("pref") == FILTER_PRIO and "options" in f
+    ]
+
+
 def _fs_type(path: Path) -> str:
     """Filesystem type of the mount holding path (from /proc/self/mounts)."""
     best, fstype = "", ""
@@ -402,6 +419,7 @@ class Datapath:
         if m is None:
             return
         undo: list[Callable[[], None]] = []
+        self._old_fds: list[int] = []
         try:
             swapped = self._swap_programs(undo)
         except BaseException as e:
@@ -415,6 +433,9 @@ class Datapath:
                 f"migrating {self.pin_dir}: swapping the programs failed ({e}); "
                 "the old datapath is left as it was"
             ) from e
+        finally:
+            for fd in self._old_fds:
+                os.close(fd)
         m.copy_flows()
         m.carry_counters()
         m.move_pins()
@@ -436,16 +457,13 @@ class Datapath:
         swapped = 0
         with IPRoute() as ipr:
             for link in ipr.get_links():
-                idx = int(link["index"])
-                for parent in TC_PARENTS.values():
-                    for f in ipr.get_filters(idx, parent=int(parent.replace(":", ""), 16)):
-                        opts = f.get_attr("TCA_OPTIONS")
-                        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-                        prio = (int(f["info"]) >> 16) & 0xFFFF
-                        if name not in self._progs or prio != FILTER_PRIO:
+                idx, ifname = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
+                for direction, parent in TC_PARENTS.items():
+                    for name, old_id in _tc_programs(ifname, direction):
+                        if name not in self._progs:
                             continue
-                        old_fd = _libbpf.prog_fd_by_id(int(opts.get_attr("TCA_BPF_ID")))
-                        undo.append(partial(os.close, old_fd))
+                        old_fd = _libbpf.prog_fd_by_id(old_id)
+                        self._old_fds.append(old_fd)
                         _tc_replace(ipr, idx, parent, name, self._progs[name])
                         undo.append(partial(_tc_replace, ipr, idx, parent, name, old_fd))
                         swapped += 1
@@ -453,7 +471,7 @@ class Datapath:
                     if _libbpf.xdp_prog_name(idx, flags) != XDP_PROGRAM:
                         continue
                     old_fd = _libbpf.prog_fd_by_id(_libbpf.xdp_prog_id(idx, flags))
-                    undo.append(partial(os.close, old_fd))
+                    self._old_fds.append(old_fd)
                     new_fd = self._progs[XDP_PROGRAM]
                     _libbpf.xdp_replace(idx, new_fd, old_fd, flags)
                     undo.append(partial(_libbpf.xdp_replace, idx, old_fd, new_fd, flags))

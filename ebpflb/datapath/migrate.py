@@ -58,7 +58,7 @@ def converter(old: StructLayout, new: StructLayout, key: bool) -> Convert:
             return None
         out = bytearray(new.size)
         for off, elem, count, o_off, o_elem, o_count in plan:
-            for i in range(max(count, o_count)):
+            for i in range(o_count):  # elements the new array lacks must be zero
                 v = int.from_bytes(data[o_off + i * o_elem : o_off + (i + 1) * o_elem], "little")
                 if i >= count or v >> (8 * elem):
                     if v:
