@@ -205,14 +205,14 @@ def test_converter_by_field_name() -> None:
     old = _layout(("a", 0, 4, 4), ("b", 4, 2, 2), ("arr", 6, 4, 2), ("gone", 10, 2, 2))
     new = _layout(("b", 0, 8, 8), ("a", 8, 2, 2), ("arr", 10, 6, 2), ("new", 16, 4, 4))
     value = converter(old, new, key=False)
-    data = bytes.fromhex("01000000" "0200" "03000400" "0500")
-    assert value(data) == bytes.fromhex("0200000000000000" "0100" "030004000000" "00000000")
-    too_big = bytes.fromhex("00000100" "0200" "03000400" "0500")  # a = 65536: no room in u16
+    data = bytes.fromhex("01000000 0200 03000400 0500")
+    assert value(data) == bytes.fromhex("0200000000000000 0100 030004000000 00000000")
+    too_big = bytes.fromhex("00000100 0200 03000400 0500")  # a = 65536: no room in u16
     assert value(too_big) is None
     key = converter(old, new, key=True)
     assert key(data) is None  # "gone" is not zero: two keys could become one
     assert key(data[:10] + b"\0\0") is not None
     shrink = converter(new, old, key=False)
     assert shrink(value(data) or b"") == data[:10] + b"\0\0"
-    wide_arr = bytes.fromhex("0200000000000000" "0100" "030004000500" "00000000")
+    wide_arr = bytes.fromhex("0200000000000000010003000400050000000000")
     assert shrink(wide_arr) is None  # the array's third element has nowhere to go
