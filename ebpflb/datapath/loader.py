@@ -234,14 +234,19 @@ def _tc_replace(ipr: Any, ifindex: int, parent: str, name: str, fd: int) -> None
     )
 
 
-def _tc_programs(ifname: str, direction: Direction) -> list[tuple[str, int]]:
-    """(name, program id) of the BPF filters at our prio on a tc hook of ifname (from tc:
-    pyroute2 does not decode the program id)."""
+def _tc_programs(
+    ipr: Any, ifindex: int, ifname: str, direction: Direction
+) -> list[tuple[str, int]]:
+    """(name, program id) of the BPF filters at our prio on a tc hook of ifname. The ids
+    come from tc (pyroute2 does not decode them), asked only where there is a BPF filter."""
+    parent = int(TC_PARENTS[direction].replace(":", ""), 16)
+    if not any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(ifindex, parent=parent)):
+        return []
     out = subprocess.run(
         ["tc", "-j", "filter", "show", "dev", ifname, direction],
         capture_output=True,
         text=True,
-        check=False,
+        check=True,
     ).stdout
     return [
         (str(f["options"]["bpf_name"]), int(f["options"]["prog"]["id"]))
@@ -418,24 +423,14 @@ class Datapath:
         m = self._migration
         if m is None:
             return
-        undo: list[Callable[[], None]] = []
-        self._old_fds: list[int] = []
         try:
-            swapped = self._swap_programs(undo)
+            swapped = self._swap_programs()
         except BaseException as e:
-            for step in reversed(undo):
-                try:
-                    step()
-                except Exception as err:  # keep undoing
-                    log.error("undoing a program swap failed: %s", err)
             self._abort_migration()
             raise DatapathError(
                 f"migrating {self.pin_dir}: swapping the programs failed ({e}); "
                 "the old datapath is left as it was"
             ) from e
-        finally:
-            for fd in self._old_fds:
-                os.close(fd)
         m.copy_flows()
         m.carry_counters()
         m.move_pins()
@@ -449,34 +444,47 @@ class Datapath:
             self._migration = None
         remove_staging(self._staging)
 
-    def _swap_programs(self, undo: list[Callable[[], None]]) -> int:
-        """Point every tc filter and XDP attachment of our programs at the new ones; appends
-        to undo a step that puts each old one back. Returns how many were swapped."""
+    def _swap_programs(self) -> int:
+        """Point every tc filter and XDP attachment of our programs at the new ones, each
+        in one step; returns how many. On a failure those done are put back."""
         from pyroute2 import IPRoute
 
-        swapped = 0
+        undo: list[Callable[[], None]] = []
+        old_fds: list[int] = []
+
+        def old_program(prog_id: int) -> int:
+            old_fds.append(_libbpf.prog_fd_by_id(prog_id))
+            return old_fds[-1]
+
         with IPRoute() as ipr:
-            for link in ipr.get_links():
-                idx, ifname = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
-                for direction, parent in TC_PARENTS.items():
-                    for name, old_id in _tc_programs(ifname, direction):
-                        if name not in self._progs:
+            try:
+                for link in ipr.get_links():
+                    idx, ifname = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
+                    for direction, parent in TC_PARENTS.items():
+                        for name, prog_id in _tc_programs(ipr, idx, ifname, direction):
+                            if name not in self._progs:
+                                continue
+                            old_fd = old_program(prog_id)
+                            _tc_replace(ipr, idx, parent, name, self._progs[name])
+                            undo.append(partial(_tc_replace, ipr, idx, parent, name, old_fd))
+                    for flags in XDP_FLAGS.values():
+                        if _libbpf.xdp_prog_name(idx, flags) != XDP_PROGRAM:
                             continue
-                        old_fd = _libbpf.prog_fd_by_id(old_id)
-                        self._old_fds.append(old_fd)
-                        _tc_replace(ipr, idx, parent, name, self._progs[name])
-                        undo.append(partial(_tc_replace, ipr, idx, parent, name, old_fd))
-                        swapped += 1
-                for flags in XDP_FLAGS.values():
-                    if _libbpf.xdp_prog_name(idx, flags) != XDP_PROGRAM:
-                        continue
-                    old_fd = _libbpf.prog_fd_by_id(_libbpf.xdp_prog_id(idx, flags))
-                    self._old_fds.append(old_fd)
-                    new_fd = self._progs[XDP_PROGRAM]
-                    _libbpf.xdp_replace(idx, new_fd, old_fd, flags)
-                    undo.append(partial(_libbpf.xdp_replace, idx, old_fd, new_fd, flags))
-                    swapped += 1
-        return swapped
+                        old_fd = old_program(_libbpf.xdp_prog_id(idx, flags))
+                        new_fd = self._progs[XDP_PROGRAM]
+                        _libbpf.xdp_replace(idx, new_fd, old_fd, flags)
+                        undo.append(partial(_libbpf.xdp_replace, idx, old_fd, new_fd, flags))
+            except BaseException:
+                for step in reversed(undo):
+                    try:
+                        step()
+                    except Exception as err:  # keep undoing
+                        log.error("putting an old program back failed: %s", err)
+                raise
+            finally:
+                for fd in old_fds:
+                    os.close(fd)
+        return len(undo)
 
     @property
     def prog_fd(self) -> int:

@@ -178,23 +178,45 @@ def test_a_changed_conntrack_value_is_converted_field_by_field(
 
 
 def test_a_failed_migration_leaves_the_old_datapath_as_it_was(
-    pin_dir: Path, tmp_path: Path
+    pin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = Datapath(pin_dir, TEST_CONFIG)
-    try:
-        flows = make_flows(old)
-        ids = {name: map_id(pin_dir / name) for name in old.layout}
-        broken = variant_bpf_dir(tmp_path / "bpf")
-        (broken / "lb_kern.c").write_text((broken / "lb_kern.c").read_text() + "\n#error no\n")
-        bigger = replace(TEST_CONFIG, max_conntrack=TEST_CONFIG.max_conntrack * 2)
-        with pytest.raises(DatapathError, match="compiling .* failed"):
-            Datapath(pin_dir, bigger, bpf_dir=broken)
-        assert not staging_dir(pin_dir).exists()
-        assert {name: map_id(pin_dir / name) for name in old.layout} == ids
-        assert read_pinned(pin_dir) == old.layout
-        check_flows(old, flows)
-    finally:
-        old.close()
+    """A compile that fails, then a swap that fails half-way (the XDP one, after the tc
+    ones): the old maps, pins and attachments are as they were, the flows keep working."""
+    with netns.node() as n:
+        pod, ext = n.add_pod("a", 5), n.add_pod("b", 6)
+        old = Datapath(pin_dir, TEST_CONFIG)
+        try:
+            flows = make_flows(old)
+            with netns.inside(n.ns):
+                old.attach(n.ifindex(pod.host_veth))
+                old.attach_external(n.ifindex(ext.host_veth), "xdp-generic")
+            ids = {name: map_id(pin_dir / name) for name in old.layout}
+            attached = (
+                tc_prog_id(n, pod.host_veth, "ingress"),
+                tc_prog_id(n, ext.host_veth, "ingress"),
+            )
+            broken = variant_bpf_dir(tmp_path / "bpf")
+            (broken / "lb_kern.c").write_text((broken / "lb_kern.c").read_text() + "\n#error no\n")
+            bigger = replace(TEST_CONFIG, max_conntrack=TEST_CONFIG.max_conntrack * 2)
+            with pytest.raises(DatapathError, match="compiling .* failed"):
+                Datapath(pin_dir, bigger, bpf_dir=broken)
+
+            def refuse(*_: object) -> None:
+                raise _libbpf.BpfError(1, "refused by the test")
+
+            monkeypatch.setattr(_libbpf, "xdp_replace", refuse)
+            with netns.inside(n.ns), pytest.raises(DatapathError, match="swapping"):
+                Datapath(pin_dir, bigger)
+            assert not staging_dir(pin_dir).exists()
+            assert {name: map_id(pin_dir / name) for name in old.layout} == ids
+            assert read_pinned(pin_dir) == old.layout
+            assert (
+                tc_prog_id(n, pod.host_veth, "ingress"),
+                tc_prog_id(n, ext.host_veth, "ingress"),
+            ) == attached
+            check_flows(old, flows)
+        finally:
+            old.close()
 
 
 def _layout(*fields: tuple[str, int, int, int]) -> StructLayout:
