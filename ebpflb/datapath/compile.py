@@ -1,13 +1,8 @@
-"""Compiles bpf/lb_kern.c with bcc, loads its programs and pins them, its maps and their
-layout under one directory, then exits: the agent runs this as a short-lived child
-(`python -m ebpflb.datapath.compile`, a JSON request on stdin, the layout in JSON on stdout)
-so that bcc and LLVM (most of a process's memory once loaded) never live in the agent,
-which opens what is pinned by path.
+"""The compiler child: bcc compiles, loads and pins programs, maps and layout, then exits.
 
-Maps already pinned in the directory are adopted by bcc whatever they hold; the request
-says what layout they have (`expect`), and the child gives up (exit status MISMATCH, no
-program loaded, nothing of theirs changed) if what it compiled differs: the caller then
-compiles into an empty directory and migrates (see migrate.py).
+The loader runs `python -m ebpflb.datapath.compile` (a JSON request on stdin, the layout on
+stdout) so that bcc and LLVM, most of a process's memory once loaded, never live in the
+agent, which opens what is pinned by path.
 """
 
 from __future__ import annotations
@@ -47,9 +42,10 @@ def compiled_layout(bpf: Any) -> layout.Layout:
 def compile_and_pin(
     target: Path, config: Any, bpf_dir: Path, expect: layout.Layout | None
 ) -> layout.Layout | None:
-    """Compile and pin under target; None (and nothing pinned) if the maps pinned there do
-    not have the layout compiled. expect: the layout of the maps pinned in target, None if
-    there are none."""
+    """Compile and pin under target. expect: the layout of the maps pinned there (None if
+    there are none); bcc adopts them whatever they hold, so if the compiled layout differs
+    this gives up before loading a program and returns None (the caller then compiles into
+    an empty directory and migrates, see migrate.py)."""
     from bcc import BPF
 
     from ebpflb.datapath.loader import render_source

@@ -1,11 +1,4 @@
-"""The layout of the pinned maps, pinned with them: each map's type, size and key and value
-fields (name, offset, size), so that an agent of another version knows what the maps it
-finds hold without having the code that made them (see migrate.py).
-
-The description is pinned as `layout`: a one-element array whose value is a format number
-(FORMAT) followed by the description in JSON. Maps pinned without it (before it existed)
-are format 0, whose fields are LAYOUT_V0's.
-"""
+"""The maps' layout (type, size, key and value fields), pinned with them for later versions."""
 
 from __future__ import annotations
 
@@ -23,6 +16,10 @@ from ebpflb.datapath.maps import MAP_SPECS
 if TYPE_CHECKING:
     from ebpflb.datapath.loader import DatapathConfig
 
+# The layout is pinned as `layout`: a one-element array whose value is FORMAT followed by
+# the description in JSON, so that an agent of another version knows what the maps it finds
+# hold without the code that made them (see migrate.py). Maps pinned before it existed are
+# format 0: LAYOUT_V0's fields.
 LAYOUT_PIN = "layout"
 FORMAT = 1
 _HEAD = struct.Struct("=I")  # the format number before the JSON
