@@ -1,20 +1,4 @@
-"""Moving a datapath's state from maps of one layout to maps of another (an agent upgrade
-whose maps differ), without losing a flow.
-
-The new programs and maps are pinned in a staging directory next to the old ones. Every
-entry is copied over field by field by name: a field both layouts have keeps its value
-(widened or narrowed as needed), a new field starts at zero, a field the new layout lacks
-is left behind. An entry that cannot be converted (a value that does not fit its new
-field; a key that would lose a nonzero field and so collide with another) is dropped and
-counted, as is one the new map has no room for. The loader then swaps the programs on
-every attachment, copies the flows created meanwhile, carries the counters over and
-moves the staging pins into place (see Datapath.finish_migration).
-
-Configuration maps (services, backends, ...) are converted like the flows rather than left
-empty for the agent: their ids are the ones conntrack and affinity entries name, so
-established flows keep their backend only if the ids survive. The agent still writes its
-full state into them before the swap.
-"""
+"""Copies the datapath's state from maps of one layout into maps of another, field by name."""
 
 from __future__ import annotations
 
@@ -78,7 +62,19 @@ class CopyStats:
 
 @dataclass
 class Migration:
-    """The old maps (pinned in pin_dir, layout old) and the new (in staging, layout new)."""
+    """The old maps (pinned in pin_dir, layout old) and the new (in staging, layout new).
+
+    Every entry is copied field by field by name: a field both layouts have keeps its
+    value (widened or narrowed), a new field starts at zero, a field the new layout lacks
+    is left behind. An entry that cannot be converted (see converter) is dropped and
+    counted, as is one the new map has no room for. The loader swaps the programs, then
+    copy_flows(), carry_counters() and move_pins() (see Datapath.finish_migration).
+
+    Configuration maps (services, backends, ...) are converted like the flows rather than
+    left empty for the agent: conntrack and affinity entries name their ids, so established
+    flows keep their backend only if the ids survive. The agent still writes its full
+    state into them before the swap.
+    """
 
     pin_dir: Path
     staging: Path
