@@ -141,6 +141,28 @@ def test_bigger_maps_from_format_0_pins_keep_flows_and_swap_every_attachment(
             new.close()
 
 
+def test_format_0_pins_of_the_same_layout_are_adopted(pin_dir: Path) -> None:
+    """Maps pinned by the code before the layout pin (format 0), same sizes: adopted as
+    they are (the same maps) if this code's structs are still format 0's, else migrated;
+    either way the flows are kept and the layout is pinned."""
+    old = Datapath(pin_dir, TEST_CONFIG)
+    try:
+        flows = make_flows(old)
+        ids = {name: map_id(pin_dir / name) for name in old.layout}
+    finally:
+        old.close()
+    (pin_dir / LAYOUT_PIN).unlink()
+    v0 = read_pinned(pin_dir)
+    new = Datapath(pin_dir, TEST_CONFIG)
+    try:
+        assert read_pinned(pin_dir) == new.layout
+        adopted = {name: map_id(pin_dir / name) for name in new.layout} == ids
+        assert adopted == (v0 == new.layout)
+        check_flows(new, flows)
+    finally:
+        new.close()
+
+
 def test_a_changed_conntrack_value_is_converted_field_by_field(
     pin_dir: Path, tmp_path: Path
 ) -> None:
