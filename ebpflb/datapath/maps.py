@@ -148,11 +148,9 @@ class BpfMap(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         """Every entry as ctypes structs."""
-        ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         return [
             (self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v))
-            for keys, values, n in self._raw_batches()
-            for k, v in zip(_chunks(keys, ks, n), _chunks(values, vs, n), strict=True)
+            for k, v in self.raw_items()
         ]
 
     def rows(self) -> list[tuple[Row, Row]]:
