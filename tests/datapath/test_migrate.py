@@ -202,8 +202,9 @@ def test_a_changed_conntrack_value_is_converted_field_by_field(
 def test_a_failed_migration_leaves_the_old_datapath_as_it_was(
     pin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A compile that fails, then a swap that fails half-way (the XDP one, after the tc
-    ones): the old maps, pins and attachments are as they were, the flows keep working."""
+    """A compile that fails, a migration never finished, a swap that fails half-way (the
+    XDP one, after the tc ones): the old maps, pins and attachments are as they were, the
+    flows keep working."""
     with netns.node() as n:
         pod, ext = n.add_pod("a", 5), n.add_pod("b", 6)
         old = Datapath(pin_dir, TEST_CONFIG)
@@ -225,6 +226,13 @@ def test_a_failed_migration_leaves_the_old_datapath_as_it_was(
 
             def refuse(*_: object) -> None:
                 raise _libbpf.BpfError(1, "refused by the test")
+
+            # An agent that stops before its first sync: the new programs never ran.
+            with netns.inside(n.ns):
+                pending = Datapath(pin_dir, bigger, defer_migration=True)
+            assert pending.migrating and staging_dir(pin_dir).exists()
+            pending.close()
+            assert not staging_dir(pin_dir).exists()
 
             monkeypatch.setattr(_libbpf, "xdp_replace", refuse)
             with netns.inside(n.ns), pytest.raises(DatapathError, match="swapping"):
