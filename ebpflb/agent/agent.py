@@ -102,7 +102,9 @@ class Agent:
             (name, None) for name in self.links.external
         ]
         self.client = RegistryClient(cfg.registry, tls=cfg.tls)
-        self.datapath = Datapath(cfg.pins)
+        # Maps of another layout (an upgrade) are migrated, but the new programs are swapped
+        # in only after the first sync has written the registry's state into the new maps.
+        self.datapath = Datapath(cfg.pins, defer_migration=True)
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()
@@ -135,6 +137,11 @@ class Agent:
                     continue
                 chosen = self.datapath.attach_external(int(found[0]), mode)
                 log.info("NodePort on %s (%s) for %s", name, chosen, ", ".join(self.node_ips))
+
+    def start_attaching(self) -> None:
+        """NodePort on the external interfaces, our programs on every pod veth."""
+        self.attach_external()
+        self.ports.start()
 
     def register_node(self) -> None:
         """Apply this node's Node object; retried until the registry answers."""
@@ -180,8 +187,8 @@ class Agent:
         log.info(
             "node %s: pins in %s, pod bridge %s", self.cfg.node, self.cfg.pins, self.cfg.bridge
         )
-        self.attach_external()
-        self.ports.start()
+        if not self.datapath.migrating:
+            self.start_attaching()
         threading.Thread(target=self.register_node, name="register", daemon=True).start()
         for w in self.watchers:
             w.start()
@@ -215,6 +222,10 @@ class Agent:
                         log.exception("programming the maps failed; a full resync follows")
                         full_resync = True
                         self.stop.wait(0.5)
+                if self.syncs and self.datapath.migrating:
+                    # A failure raises: the agent exits, the old datapath left as it was.
+                    self.datapath.finish_migration()
+                    self.start_attaching()
                 if time.monotonic() - last_gc > self.cfg.gc_interval:
                     last_gc = time.monotonic()
                     self.datapath.gc()
@@ -226,7 +237,8 @@ class Agent:
         for w in self.watchers:
             w.cancel()
         self.health.close()
-        self.ports.join(timeout=2)
+        if self.ports.is_alive():
+            self.ports.join(timeout=2)
         if self.cfg.cleanup:
             self.datapath.close(cleanup=True)
             log.info("cleaned up: programs detached, pins under %s removed", self.cfg.pins)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from ctypes import POINTER, c_char_p, c_int, c_uint32, c_uint64, c_void_p
@@ -21,6 +22,7 @@ BPF_OBJ_NAME_LEN = 16
 # linux/if_link.h
 XDP_FLAGS_SKB_MODE = 1 << 1  # generic XDP
 XDP_FLAGS_DRV_MODE = 1 << 2  # native XDP
+XDP_FLAGS_REPLACE = 1 << 4  # only if the attached program is opts.old_prog_fd
 
 
 class MapInfo(ctypes.Structure):
@@ -103,6 +105,12 @@ class TestRunOpts(ctypes.Structure):
     ]
 
 
+class XdpAttachOpts(ctypes.Structure):
+    """struct bpf_xdp_attach_opts of libbpf 1.x."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", c_int), ("_end", c_int)]
+
+
 class BpfError(OSError):
     """A libbpf call failed; errno says why."""
 
@@ -124,6 +132,7 @@ def lib() -> ctypes.CDLL:
         "bpf_xdp_detach": [c_int, c_uint32, c_void_p],
         "bpf_xdp_query_id": [c_int, c_int, POINTER(c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint32],
+        "bpf_map_create": [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p],
         "bpf_map_lookup_batch": [
             c_int,
             c_void_p,
@@ -153,6 +162,26 @@ def obj_get(path: str) -> int:
     return check(lib().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get {path}")
 
 
+def obj_pin(fd: int, path: str | os.PathLike[str]) -> None:
+    check(lib().bpf_obj_pin(fd, os.fsencode(path)), f"bpf_obj_pin {os.fspath(path)}")
+
+
+def pin_replace(fd: int, path: str | os.PathLike[str]) -> None:
+    """Pin fd at path, replacing what is pinned there in one step (pin aside, rename over)."""
+    p = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(p), f"{os.path.basename(p)}-new")  # no dots in bpffs
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    obj_pin(fd, tmp)
+    os.rename(tmp, p)
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, entries: int) -> int:
+    """A new map; returns its fd."""
+    fd = lib().bpf_map_create(map_type, name.encode(), key_size, value_size, entries, None)
+    return check(fd, f"creating map {name}")
+
+
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
     size = c_uint32(ctypes.sizeof(info))
@@ -169,22 +198,44 @@ def xdp_detach(ifindex: int, flags: int) -> None:
     check(lib().bpf_xdp_detach(ifindex, flags, None), f"XDP detach from {ifindex}")
 
 
-def xdp_prog_name(ifindex: int, flags: int) -> str | None:
-    """Name of the XDP program attached to ifindex in that mode, None if there is none."""
+def xdp_replace(ifindex: int, prog_fd: int, old_fd: int, flags: int) -> None:
+    """Replace the XDP program of ifindex, only if it still is old_fd's (atomically)."""
+    opts = XdpAttachOpts(sz=ctypes.sizeof(XdpAttachOpts), old_prog_fd=old_fd)
+    ret = lib().bpf_xdp_attach(ifindex, prog_fd, flags | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+    check(ret, f"XDP replace on {ifindex}")
+
+
+def xdp_prog_id(ifindex: int, flags: int) -> int:
+    """Id of the XDP program attached to ifindex in that mode, 0 if there is none."""
     prog_id = c_uint32(0)
     check(lib().bpf_xdp_query_id(ifindex, flags, ctypes.byref(prog_id)), f"XDP query {ifindex}")
-    if not prog_id.value:
+    return prog_id.value
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd of the program with that id."""
+    return check(lib().bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    size = c_uint32(ctypes.sizeof(info))
+    check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "info")
+    return info
+
+
+def xdp_prog_name(ifindex: int, flags: int) -> str | None:
+    """Name of the XDP program attached to ifindex in that mode, None if there is none."""
+    prog_id = xdp_prog_id(ifindex, flags)
+    if not prog_id:
         return None
-    fd = lib().bpf_prog_get_fd_by_id(prog_id.value)
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         return None  # detached meanwhile
     try:
-        info = ProgInfo()
-        size = c_uint32(ctypes.sizeof(info))
-        check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "info")
+        return prog_info(fd).name.decode(errors="replace")
     finally:
         os.close(fd)
-    return info.name.decode(errors="replace")
 
 
 @cache

@@ -1,23 +1,31 @@
-"""Compiles bpf/lb_kern.c with bcc, pins (or adopts) its maps, attaches it to pod veths (tc) and to
-the node's external interfaces (XDP or tc)."""
+"""Loads the datapath (compiled by bcc in a child process, see compile.py), adopts or migrates
+the maps already pinned, attaches the programs to pod veths (tc) and to the node's external
+interfaces (XDP or tc). The calling process never loads bcc or LLVM."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, ifaces, node
+from ebpflb.datapath import _libbpf, ifaces, layout, node
+from ebpflb.datapath.compile import MISMATCH, PROGRAM_TYPES
+from ebpflb.datapath.compile import request as compile_request
 from ebpflb.datapath.conntrack import GcStats, collect
-from ebpflb.datapath.maps import MAP_SPECS, LbMaps
+from ebpflb.datapath.maps import MAP_SPECS, LbMaps, MapTypes
+from ebpflb.datapath.migrate import Migration, remove_staging
 from ebpflb.datapath.structs import IF_F_NO_XDP_TX, IF_F_PARTIAL_CSUM
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,8 @@ XDP_FLAGS: dict[ExternalMode, int] = {
 TC_PARENTS: dict[Direction, str] = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
 FILTER_PRIO = 1
 FILTER_HANDLE = ":1"
+PINNED_PROGRAMS = tuple(PROGRAM_TYPES)
+PINNED_NAMES = (*(s.name for s in MAP_SPECS), *PINNED_PROGRAMS, layout.LAYOUT_PIN)
 
 # The mode attach_external() picks per driver, from what python -m
 # ebpflb.datapath.nodeport_bench measured (see bpf/README.md). Native XDP
@@ -172,6 +182,79 @@ def render_source(main: Path) -> str:
     return "\n".join(inline(main.resolve())) + "\n"
 
 
+def _compile(
+    target: Path, config: DatapathConfig, bpf_dir: Path, expect: layout.Layout | None
+) -> layout.Layout | None:
+    """Compile and pin under target in a child process (see compile.py); None if the maps
+    pinned there (of layout expect) do not have the compiled layout."""
+    req = compile_request(target, config, bpf_dir, expect)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ebpflb.datapath.compile"],
+        input=req,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode == MISMATCH:
+        return None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+        raise DatapathError(f"compiling {bpf_dir / MAIN_SOURCE} failed:\n{tail}")
+    return layout.decode(bytes.fromhex(proc.stdout.strip()))
+
+
+def _map_types(new: layout.Layout) -> MapTypes:
+    """Key and value types of the maps whose layout is not our mirrors' (read by name)."""
+    types: MapTypes = {}
+    for spec in MAP_SPECS:
+        m = new[spec.name]
+        if (m.key, m.value) != (
+            layout.StructLayout.of(spec.key_type),
+            layout.StructLayout.of(spec.value_type),
+        ):
+            types[spec.name] = (
+                layout.ctype(m.key, spec.key_type.__name__),
+                layout.ctype(m.value, spec.value_type.__name__),
+            )
+    return types
+
+
+def _tc_replace(ipr: Any, ifindex: int, parent: str, name: str, fd: int) -> None:
+    """Put program fd at the tc hook parent of ifindex, replacing our filter in one step."""
+    ipr.tc(
+        "replace-filter",
+        "bpf",
+        ifindex,
+        FILTER_HANDLE,
+        fd=fd,
+        name=name,
+        parent=parent,
+        prio=FILTER_PRIO,
+        direct_action=True,
+    )
+
+
+def _tc_programs(
+    ipr: Any, ifindex: int, ifname: str, direction: Direction
+) -> list[tuple[str, int]]:
+    """(name, program id) of the BPF filters at our prio on a tc hook of ifname. The ids
+    come from tc (pyroute2 does not decode them), asked only where there is a BPF filter."""
+    parent = int(TC_PARENTS[direction].replace(":", ""), 16)
+    if not any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(ifindex, parent=parent)):
+        return []
+    out = subprocess.run(
+        ["tc", "-j", "filter", "show", "dev", ifname, direction],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [
+        (str(f["options"]["bpf_name"]), int(f["options"]["prog"]["id"]))
+        for f in json.loads(out or "[]")
+        if f.get("kind") == "bpf" and f.get("pref") == FILTER_PRIO and "options" in f
+    ]
+
+
 def _fs_type(path: Path) -> str:
     """Filesystem type of the mount holding path (from /proc/self/mounts)."""
     best, fstype = "", ""
@@ -186,13 +269,9 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
-def check_pins(pin_dir: Path, config: DatapathConfig, replace: bool = False) -> list[str]:
-    """Compare maps already pinned in pin_dir with what config compiles.
-
-    bcc adopts a pinned map whatever its type or size, so this is the check.
-    Returns the names of the incompatible ones (unpinned when replace, else an
-    error is raised).
-    """
+def check_pins(pin_dir: Path, config: DatapathConfig) -> list[str]:
+    """Compare maps already pinned in pin_dir with what config compiles: raises an error
+    naming those of another type or size (which a Datapath would migrate), else []."""
     bad: list[str] = []
     for spec in MAP_SPECS:
         path = pin_dir / spec.name
@@ -212,18 +291,23 @@ def check_pins(pin_dir: Path, config: DatapathConfig, replace: bool = False) -> 
         have = (info.type, info.key_size, info.value_size, info.max_entries)
         if want != have:
             bad.append(f"{spec.name}: pinned (type, key, value, entries) {have}, compiled {want}")
-            if replace:
-                path.unlink()
-    if bad and not replace:
+    if bad:
         raise DatapathError(f"incompatible pinned maps in {pin_dir}: {'; '.join(bad)}")
     return bad
 
 
+def staging_dir(pin_dir: Path) -> Path:
+    """Where a migration pins the new programs and maps until they replace the old."""
+    return pin_dir.with_name(pin_dir.name + "-staging")  # bpffs refuses dots in names
+
+
 def remove_pins(pin_dir: str | os.PathLike[str]) -> None:
-    """Unpin every map of an instance and remove its directory if it is then empty."""
+    """Unpin every map and program of an instance (and of an unfinished migration's staging
+    directory) and remove its directory if it is then empty."""
     d = Path(pin_dir)
-    for spec in MAP_SPECS:
-        (d / spec.name).unlink(missing_ok=True)
+    remove_staging(staging_dir(d))
+    for name in PINNED_NAMES:
+        (d / name).unlink(missing_ok=True)
     try:
         d.rmdir()
     except FileNotFoundError:
@@ -247,8 +331,12 @@ class Datapath:
     with tc behind it for what XDP cannot finish. They need the node's addresses
     (set_node).
 
-    Maps already pinned under pin_dir are adopted (a restarted agent keeps every flow);
-    the programs stay attached, and working, after close() unless cleanup is asked for.
+    Maps already pinned under pin_dir are adopted (a restarted agent keeps every flow) when
+    their pinned layout is the compiled one; otherwise their entries are migrated to new
+    maps (see migrate.py) and the new programs swapped in on every attachment, right away
+    or, with defer_migration, when finish_migration() is called (the agent first writes its
+    state into the new maps). The programs stay attached, and working, after close() unless
+    cleanup is asked for.
     Attaching and detaching act on the network namespace of the calling thread: call
     them from inside the node's namespace.
     """
@@ -258,50 +346,157 @@ class Datapath:
         pin_dir: str | os.PathLike[str],
         config: DatapathConfig | None = None,
         *,
-        replace_incompatible: bool = False,
         bpf_dir: Path | None = None,
+        defer_migration: bool = False,
     ) -> None:
-        from bcc import BPF
-
         self.config = config or DatapathConfig()
         self.pin_dir = Path(pin_dir)
         where = self.pin_dir if self.pin_dir.exists() else self.pin_dir.parent
         if _fs_type(where) != BPFFS_MAGIC_NAME:
             raise DatapathError(f"{self.pin_dir} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        check_pins(self.pin_dir, self.config, replace=replace_incompatible)
-
-        source = render_source((bpf_dir or find_bpf_dir()) / MAIN_SOURCE)
-        self._bpf: Any = BPF(text=source.encode(), cflags=self.config.cflags(self.pin_dir))
+        self._staging = staging_dir(self.pin_dir)
+        remove_staging(self._staging)  # left by a migration that did not finish
+        self._migration: Migration | None = None
+        bpf_dir = bpf_dir or find_bpf_dir()
         try:
-            self._fns = {
-                name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
-                for name in (*PROGRAMS.values(), EXTERNAL_TC_PROGRAM)
-            }
-            self._fns[XDP_PROGRAM] = self._bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP)
-            self.maps = LbMaps.open(self.pin_dir)
+            old = layout.read_pinned(self.pin_dir)
+        except layout.LayoutError as e:
+            raise DatapathError(f"pinned maps in {self.pin_dir}: {e}") from e
+        new = None
+        if old is None or old == layout.mirror_layout(self.config):
+            new = _compile(self.pin_dir, self.config, bpf_dir, old)  # adopt (None: differs)
+        if new is None:
+            assert old is not None
+            new = self._start_migration(old, bpf_dir)
+        self.layout = new
+        live = self._staging if self._migration else self.pin_dir
+        self._progs: dict[str, int] = {}
+        try:
+            for name in PINNED_PROGRAMS:
+                self._progs[name] = _libbpf.obj_get(str(live / name))
+            self.maps = LbMaps.open(live, _map_types(new))
         except BaseException:
-            self._bpf.cleanup()
+            self._close_programs()
+            self._abort_migration()
             raise
         self._attached: set[tuple[int, Direction]] = set()
         self._external: dict[int, ExternalMode] = {}
         self._closed = False
+        if self._migration and not defer_migration:
+            try:
+                self.finish_migration()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- a changed layout ------------------------------------------------
+
+    def _start_migration(self, old: layout.Layout, bpf_dir: Path) -> layout.Layout:
+        """Compile into the staging directory and copy the old maps' entries over."""
+        self._staging.mkdir()
+        try:
+            new = _compile(self._staging, self.config, bpf_dir, None)
+            assert new is not None
+            self._migration = Migration(self.pin_dir, self._staging, old, new)
+            self._migration.copy_state()
+        except BaseException:
+            self._abort_migration()
+            raise
+        log.info(
+            "maps in %s have another layout: migrating (%s)",
+            self.pin_dir,
+            self._migration.summary(),
+        )
+        return new
+
+    @property
+    def migrating(self) -> bool:
+        """The new programs wait in the staging directory; finish_migration() swaps them in."""
+        return self._migration is not None
+
+    def finish_migration(self) -> None:
+        """Swap the new programs in on every attachment of the old ones in this namespace
+        (each in one step), copy the flows the old programs made meanwhile, carry the
+        counters over and move the pins into place. If a swap fails, those done are undone
+        and the old datapath is left as it was."""
+        m = self._migration
+        if m is None:
+            return
+        try:
+            swapped = self._swap_programs()
+        except BaseException as e:
+            self._abort_migration()
+            raise DatapathError(
+                f"migrating {self.pin_dir}: swapping the programs failed ({e}); "
+                "the old datapath is left as it was"
+            ) from e
+        m.copy_flows()
+        m.carry_counters()
+        m.move_pins()
+        m.close()
+        self._migration = None
+        log.info("migrated %s: %d attachments swapped; %s", self.pin_dir, swapped, m.summary())
+
+    def _abort_migration(self) -> None:
+        if self._migration is not None:
+            self._migration.close()
+            self._migration = None
+        remove_staging(self._staging)
+
+    def _swap_programs(self) -> int:
+        """Point every tc filter and XDP attachment of our programs at the new ones, each
+        in one step; returns how many. On a failure those done are put back."""
+        from pyroute2 import IPRoute
+
+        undo: list[Callable[[], None]] = []
+        old_fds: list[int] = []
+
+        def old_program(prog_id: int) -> int:
+            old_fds.append(_libbpf.prog_fd_by_id(prog_id))
+            return old_fds[-1]
+
+        with IPRoute() as ipr:
+            try:
+                for link in ipr.get_links():
+                    idx, ifname = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
+                    for direction, parent in TC_PARENTS.items():
+                        for name, prog_id in _tc_programs(ipr, idx, ifname, direction):
+                            if name not in self._progs:
+                                continue
+                            old_fd = old_program(prog_id)
+                            _tc_replace(ipr, idx, parent, name, self._progs[name])
+                            undo.append(partial(_tc_replace, ipr, idx, parent, name, old_fd))
+                    for flags in XDP_FLAGS.values():
+                        if _libbpf.xdp_prog_name(idx, flags) != XDP_PROGRAM:
+                            continue
+                        old_fd = old_program(_libbpf.xdp_prog_id(idx, flags))
+                        new_fd = self._progs[XDP_PROGRAM]
+                        _libbpf.xdp_replace(idx, new_fd, old_fd, flags)
+                        undo.append(partial(_libbpf.xdp_replace, idx, old_fd, new_fd, flags))
+            except BaseException:
+                for step in reversed(undo):
+                    try:
+                        step()
+                    except Exception as err:  # keep undoing
+                        log.error("putting an old program back failed: %s", err)
+                raise
+            finally:
+                for fd in old_fds:
+                    os.close(fd)
+        return len(undo)
 
     @property
     def prog_fd(self) -> int:
         """fd of from_pod (for BPF_PROG_TEST_RUN)."""
-        return int(self._fns[PROGRAMS["ingress"]].fd)
+        return self._progs[PROGRAMS["ingress"]]
 
     def program_fd(self, direction: Direction) -> int:
-        return int(self._fns[PROGRAMS[direction]].fd)
+        return self._progs[PROGRAMS[direction]]
 
     def external_fd(self, hook: Literal["xdp", "tc"]) -> int:
         """fd of nodeport_xdp or nodeport_tc (for BPF_PROG_TEST_RUN)."""
-        return int(self._fns[XDP_PROGRAM if hook == "xdp" else EXTERNAL_TC_PROGRAM].fd)
-
-    def bcc_table(self, name: str) -> Any:
-        """bcc's view of a map (its Key/Leaf ctypes come from the compiled C: the layout test)."""
-        return self._bpf[name.encode()]
+        return self._progs[XDP_PROGRAM if hook == "xdp" else EXTERNAL_TC_PROGRAM]
 
     # -- pod veths --------------------------------------------------------
 
@@ -323,25 +518,13 @@ class Datapath:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
-        fn = self._fns[program]
-        name = fn.name.decode() if isinstance(fn.name, bytes) else str(fn.name)
         with IPRoute() as ipr:
             try:
                 ipr.tc("add", "clsact", ifindex)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            ipr.tc(
-                "replace-filter",
-                "bpf",
-                ifindex,
-                FILTER_HANDLE,
-                fd=fn.fd,
-                name=name,
-                parent=TC_PARENTS[direction],
-                prio=FILTER_PRIO,
-                direct_action=True,
-            )
+            _tc_replace(ipr, ifindex, TC_PARENTS[direction], program, self._progs[program])
 
     def _tc_detach(self, ifindex: int, direction: Direction) -> None:
         from pyroute2 import IPRoute
@@ -422,7 +605,7 @@ class Datapath:
                 self._xdp_detach_ours(ifindex, xdp_flags)
         if mode in XDP_FLAGS:
             try:
-                _libbpf.xdp_attach(ifindex, int(self._fns[XDP_PROGRAM].fd), XDP_FLAGS[mode])
+                _libbpf.xdp_attach(ifindex, self._progs[XDP_PROGRAM], XDP_FLAGS[mode])
             except _libbpf.BpfError as e:
                 self.detach_external(ifindex)
                 raise DatapathError(f"{mode} on {name} ({kind or 'no driver'}): {e}") from e
@@ -485,9 +668,15 @@ class Datapath:
                         log.warning("detach from external %s failed: %s", ifindex, e)
         finally:
             self.maps.close()
-            self._bpf.cleanup()
+            self._close_programs()
+            self._abort_migration()  # one never finished leaves the old datapath as it was
             if cleanup:
                 remove_pins(self.pin_dir)
+
+    def _close_programs(self) -> None:
+        for fd in self._progs.values():
+            os.close(fd)
+        self._progs.clear()
 
     def __enter__(self) -> Datapath:
         return self

@@ -148,11 +148,9 @@ class BpfMap(Generic[K, V]):
 
     def items(self) -> list[tuple[K, V]]:
         """Every entry as ctypes structs."""
-        ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         return [
             (self.key_type.from_buffer_copy(k), self.value_type.from_buffer_copy(v))
-            for keys, values, n in self._raw_batches()
-            for k, v in zip(_chunks(keys, ks, n), _chunks(values, vs, n), strict=True)
+            for k, v in self.raw_items()
         ]
 
     def rows(self) -> list[tuple[Row, Row]]:
@@ -196,6 +194,22 @@ class BpfMap(Generic[K, V]):
                 return
             tokens.reverse()
             first = False
+
+    def raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every entry as the bytes of its key and value."""
+        ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        for keys, values, n in self._raw_batches():
+            yield from zip(_chunks(keys, ks, n), _chunks(values, vs, n), strict=True)
+
+    def update_raw(self, key: bytes, value: bytes, flags: int = _libbpf.BPF_ANY) -> int:
+        """Write one entry from bytes; 0, or the errno of a refusal (EEXIST, E2BIG: full)."""
+        ret = _libbpf.lib().bpf_map_update_elem(
+            self.fd, ctypes.c_char_p(key), ctypes.c_char_p(value), flags
+        )
+        if ret in (-errno.EEXIST, -errno.E2BIG, -errno.ENOMEM):
+            return int(-ret)
+        _libbpf.check(ret, f"update of {self.name}")
+        return 0
 
     def _raw_one_by_one(self) -> Iterator[tuple[bytes, bytes, int]]:
         for key in self.keys():
@@ -245,6 +259,15 @@ class PerCpuArray(Generic[V]):
             self.value_type.from_buffer_copy(buf.raw, i * self._stride) for i in range(self._ncpus)
         ]
 
+    def update_percpu(self, index: int, values: list[V]) -> None:
+        """Write every CPU's value of index (one per possible CPU)."""
+        buf = ctypes.create_string_buffer(self._stride * self._ncpus)
+        for i, v in enumerate(values):
+            ctypes.memmove(ctypes.addressof(buf) + i * self._stride, ctypes.byref(v), len(bytes(v)))
+        key = U32(index)
+        ret = _libbpf.lib().bpf_map_update_elem(self.fd, ctypes.byref(key), buf, _libbpf.BPF_ANY)
+        _libbpf.check(ret, f"update of {self.name}")
+
     def reset(self, index: int) -> None:
         buf = ctypes.create_string_buffer(self._stride * self._ncpus)
         key = U32(index)
@@ -261,6 +284,8 @@ class MapSpec:
     key_type: type[ctypes.Structure]
     value_type: type[ctypes.Structure]
 
+
+MapTypes = dict[str, tuple[type[ctypes.Structure], type[ctypes.Structure]]]
 
 # Must match bpf/lb_maps.h. max_entries comes from the DatapathConfig.
 MAP_SPECS = (
@@ -291,21 +316,26 @@ class LbMaps:
     counters: PerCpuArray[Counters] | None = None
 
     @classmethod
-    def open(cls, pin_dir: str | os.PathLike[str]) -> LbMaps:
-        """Open the maps pinned under pin_dir (no compiler needed)."""
+    def open(cls, pin_dir: str | os.PathLike[str], types: MapTypes | None = None) -> LbMaps:
+        """Open the maps pinned under pin_dir (no compiler needed). types: key and value types
+        by map name where they are not the MAP_SPECS ones (maps of another layout, whose
+        fields the code reads by name)."""
         d = Path(pin_dir)
-        opened: list[BpfMap[ctypes.Structure, ctypes.Structure] | PerCpuArray[Counters]] = []
+        types = types or {}
+        opened: list[BpfMap[ctypes.Structure, ctypes.Structure] | PerCpuArray[Any]] = []
         try:
             maps: dict[str, BpfMap[ctypes.Structure, ctypes.Structure]] = {}
             for spec in MAP_SPECS:
                 if spec.name == "counters":
                     continue
+                key_type, value_type = types.get(spec.name, (spec.key_type, spec.value_type))
                 m: BpfMap[ctypes.Structure, ctypes.Structure] = BpfMap.open_pinned(
-                    d / spec.name, spec.key_type, spec.value_type
+                    d / spec.name, key_type, value_type
                 )
                 opened.append(m)
                 maps[spec.name] = m
-            counters = PerCpuArray.open_pinned(d / "counters", Counters)
+            counter_type = types.get("counters", (U32, Counters))[1]
+            counters: PerCpuArray[Any] = PerCpuArray.open_pinned(d / "counters", counter_type)
             opened.append(counters)
         except BaseException:
             for o in opened:
@@ -344,7 +374,7 @@ class LbMaps:
         if self.counters is None:
             return dict.fromkeys(COUNTER_FIELDS, 0)
         per_cpu = self.counters.lookup_percpu(0)
-        return {f: sum(getattr(c, f) for c in per_cpu) for f in COUNTER_FIELDS}
+        return {f: sum(getattr(c, f, 0) for c in per_cpu) for f in COUNTER_FIELDS}
 
 
 __all__ = ["BpfError", "BpfMap", "LbMaps", "MAP_SPECS", "MapLike", "MapSpec", "PerCpuArray"]

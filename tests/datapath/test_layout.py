@@ -6,39 +6,24 @@ import ctypes
 import ipaddress
 import os
 import re
-from typing import Any
 
 import pytest
 
 from ebpflb.datapath import structs
+from ebpflb.datapath.layout import StructLayout, read_pinned
 from ebpflb.datapath.loader import Datapath, DatapathConfig, find_bpf_dir
 from ebpflb.datapath.maps import MAP_SPECS, MapSpec, struct_format
 
 pytestmark = pytest.mark.datapath
 
 
-def _layout(t: Any) -> tuple[int, list[tuple[str, int, int]]]:
-    """(size, [(field, offset, size)]) of a ctypes type; a scalar is one unnamed field."""
-    if not issubclass(t, ctypes.Structure):
-        return ctypes.sizeof(t), [("", 0, ctypes.sizeof(t))]
-    return ctypes.sizeof(t), [
-        (name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_
-    ]
-
-
-def _mirror(t: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
-    size, fields = _layout(t)
-    if [f[0] for f in fields] == ["value"]:  # our U32 wraps a bare __u32
-        return size, [("", 0, size)]
-    return size, fields
-
-
 @pytest.mark.parametrize("spec", MAP_SPECS, ids=[s.name for s in MAP_SPECS])
 def test_struct_layout_matches_compiled_c(datapath: Datapath, spec: MapSpec) -> None:
-    table = datapath.bcc_table(spec.name)
-    assert _mirror(spec.key_type) == _layout(table.Key), f"{spec.name} key"
-    leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU maps: bcc's Leaf is one per CPU
-    assert _mirror(spec.value_type) == _layout(leaf), f"{spec.name} value"
+    """datapath.layout is what the compiling child read from bcc's types of the C structs."""
+    compiled = datapath.layout[spec.name]
+    assert StructLayout.of(spec.key_type) == compiled.key, f"{spec.name} key"
+    assert StructLayout.of(spec.value_type) == compiled.value, f"{spec.name} value"
+    assert read_pinned(datapath.pin_dir) == datapath.layout  # and that is what is pinned
 
 
 @pytest.mark.parametrize("spec", MAP_SPECS, ids=[s.name for s in MAP_SPECS])

@@ -9,6 +9,7 @@ import pytest
 
 from ebpflb.datapath.loader import (
     MAIN_SOURCE,
+    PINNED_NAMES,
     PROGRAMS,
     Datapath,
     DatapathError,
@@ -16,7 +17,6 @@ from ebpflb.datapath.loader import (
     remove_pins,
     render_source,
 )
-from ebpflb.datapath.maps import MAP_SPECS
 from tests.datapath import netns
 from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir
 
@@ -76,7 +76,7 @@ def test_agent_exit_restart_and_cleanup(datapath: Datapath) -> None:
         with netns.node() as n:
             pod = n.add_pod("a", 5)
             first = Datapath(pin_dir, TEST_CONFIG)
-            assert sorted(p.name for p in pin_dir.iterdir()) == sorted(s.name for s in MAP_SPECS)
+            assert sorted(p.name for p in pin_dir.iterdir()) == sorted(PINNED_NAMES)
             with netns.inside(n.ns):
                 first.attach(n.ifindex(pod.host_veth))
             first.close()
