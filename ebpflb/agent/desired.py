@@ -152,9 +152,11 @@ class DesiredState:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
-    def _recompute(self) -> None:
-        """Frontends and health checks of the Services changed since the last call."""
-        for key in self._dirty:
+    def _recompute(self) -> set[Key]:
+        """Frontends and health checks of the Services changed since the last call;
+        returns those Services."""
+        changed = self._dirty
+        for key in changed:
             svc = self.services.get(key)
             self._frontends.pop(key, None)
             self._health.pop(key, None)
@@ -165,7 +167,18 @@ class DesiredState:
             check = health_check(svc, slices, self.node)
             if check is not None:
                 self._health[key] = (svc.spec.health_check_node_port, check)
-        self._dirty.clear()
+        self._dirty = set()
+        return changed
+
+    def changes(self) -> dict[Key, list[Frontend]]:
+        """The frontends of each Service changed since the last call (an empty list for
+        one that is gone or has none): what Programmer.update() takes."""
+        return {key: self._frontends.get(key, []) for key in self._recompute()}
+
+    def by_service(self) -> dict[Key, list[Frontend]]:
+        """Every Service's frontends (what Programmer.sync() takes); marks all as seen."""
+        self._recompute()
+        return dict(self._frontends)
 
     def frontends(self) -> list[Frontend]:
         """Every frontend of every Service."""
