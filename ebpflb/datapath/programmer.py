@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from socket import ntohs
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,11 +35,21 @@ MAX_ID = 2**32 - 1
 MAX_BACKENDS_PER_FRONTEND = 2**16 - 1  # lb_svc_value.count is a __u16
 
 
-def _ipv4(ip: str, what: str) -> None:
+@lru_cache(maxsize=1 << 16)
+def _ip_int(ip: str) -> int | None:
+    """The address as an integer, None if ip is not IPv4 (cached: the agent builds the same
+    few thousand pod addresses into Backends again on every change of their Services)."""
     try:
-        ipaddress.IPv4Address(ip)
+        return int(ipaddress.IPv4Address(ip))
     except ValueError:
-        raise ValueError(f"{what} {ip!r} is not an IPv4 address") from None
+        return None
+
+
+def _ipv4(ip: str, what: str) -> int:
+    value = _ip_int(ip)
+    if value is None:
+        raise ValueError(f"{what} {ip!r} is not an IPv4 address")
+    return value
 
 
 def _port(port: int, what: str) -> None:
@@ -65,7 +76,7 @@ class Backend:
         _port(self.port, "backend port")
 
     def sort_key(self) -> tuple[int, int, bool]:
-        return int(ipaddress.IPv4Address(self.ip)), self.port, self.local
+        return _ipv4(self.ip, "backend address"), self.port, self.local
 
     @property
     def flags(self) -> int:
@@ -103,7 +114,7 @@ class Frontend:
         object.__setattr__(self, "backends", unique)
 
     def sort_key(self) -> tuple[int, int, str]:
-        return int(ipaddress.IPv4Address(self.vip)), self.port, self.protocol
+        return _ipv4(self.vip, "frontend address"), self.port, self.protocol
 
     @property
     def flags(self) -> int:
@@ -144,7 +155,7 @@ BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
 Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
 # Who a frontend belongs to (the agent: its Service's key); update() replaces what one owner has.
 Owner = Hashable
-Owned = Mapping[Owner, Iterable[Frontend]]
+Owned = Mapping[Any, Iterable[Frontend]]  # owner -> its frontends
 
 K = TypeVar("K")
 V = TypeVar("V")

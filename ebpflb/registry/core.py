@@ -90,6 +90,8 @@ class _Txn:
 
 
 Matcher = Callable[[Key, pb.Object], bool]
+WatchItem = tuple[int, pb.Object | None, int]  # (event type, object, revision)
+WatchBatch = list[WatchItem]
 
 
 class Registry:
@@ -646,6 +648,24 @@ class Registry:
         """(event type, object, revision) for every matching change after
         resource_version, in order. With "" it starts with the current state as ADDED
         events and a BOOKMARK. Raises GONE when the history no longer reaches back."""
+        for batch in self.watch_batches(
+            kind, namespace, selector, resource_version, active, bookmark_every
+        ):
+            yield from batch
+
+    def watch_batches(
+        self,
+        kind: str = "",
+        namespace: str = "",
+        selector: str = "",
+        resource_version: str = "",
+        active: Callable[[], bool] = lambda: True,
+        bookmark_every: float = 10.0,
+        size: int = 1000,
+    ) -> Iterator[WatchBatch]:
+        """watch()'s events in lists of at most size: each list holds what was ready
+        together (a burst of changes, or part of the initial state), so that a caller
+        can send it as one message."""
         match = self._matcher(kind, namespace, selector)
         with self._lock:
             if resource_version == "":
@@ -661,10 +681,13 @@ class Registry:
                     ) from None
                 self._check_resumable(rev)
                 initial = []
-        for obj in initial:
-            yield ADDED, obj, int(message_of(obj).metadata.resource_version)
+        for i in range(0, len(initial), size):
+            yield [
+                (ADDED, obj, int(message_of(obj).metadata.resource_version))
+                for obj in initial[i : i + size]
+            ]
         if resource_version == "":
-            yield BOOKMARK, None, rev
+            yield [(BOOKMARK, None, rev)]
         last_sent = time.monotonic()
         while active():
             with self._lock:
@@ -674,16 +697,17 @@ class Registry:
                     raise RegistryError(Reason.UNAVAILABLE, "the registry is shutting down")
                 self._check_resumable(rev)
                 start = rev + 1 - self._first_rev
-                batch = self._events[start : start + 1000]
+                batch = self._events[start : start + size]
                 published = self._revision
-            for ev in batch:
-                rev = ev.rev
-                if match(ev.key, ev.obj):
-                    yield ev.type, ev.obj, ev.rev
+            if batch:
+                rev = batch[-1].rev
+                out: WatchBatch = [(e.type, e.obj, e.rev) for e in batch if match(e.key, e.obj)]
+                if out:
+                    yield out
                     last_sent = time.monotonic()
-            if not batch and time.monotonic() - last_sent >= bookmark_every:
+            elif time.monotonic() - last_sent >= bookmark_every:
                 rev = max(rev, published)
-                yield BOOKMARK, None, rev
+                yield [(BOOKMARK, None, rev)]
                 last_sent = time.monotonic()
 
     def _check_resumable(self, rev: int) -> None:
