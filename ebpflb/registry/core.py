@@ -27,7 +27,13 @@ from ebpflb.objects import (
     wrap,
 )
 from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
-from ebpflb.registry.endpoints import MANAGED_BY, MANAGED_BY_LABEL, compute_slices
+from ebpflb.registry.endpoints import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    PodEndpoint,
+    compute_slices,
+    pod_endpoint,
+)
 from ebpflb.registry.store import ADDED, DELETED, MODIFIED, Event, Store, StoreError
 from ebpflb.validation import apply_defaults, validate
 
@@ -279,14 +285,23 @@ class Registry:
     def _sync_endpoints(self, txn: _Txn) -> None:
         """Recompute the managed EndpointSlices of every Service the transaction touched;
         write only those that changed."""
-        # Writing slices touches no Service, so the set is complete here.
+        # Writing slices touches no Service, so the set is complete here; nor a Pod, so
+        # each Pod's endpoint is built once for all the Services that select it.
+        endpoints: dict[int, tuple[pb.Pod, PodEndpoint | None]] = {}  # by id(); holds the pod
+
+        def endpoint(pod: pb.Pod) -> PodEndpoint | None:
+            hit = endpoints.get(id(pod))
+            if hit is None:
+                hit = endpoints[id(pod)] = (pod, pod_endpoint(pod))
+            return hit[1]
+
         for skey in sorted(txn.touched_services):
             svc_obj = self._objects.get(skey)
             desired: list[pb.EndpointSlice] = []
             if svc_obj is not None:
                 svc = svc_obj.service
                 pods = self._pods_selected(skey.namespace, dict(svc.spec.selector))
-                desired = compute_slices(svc, pods)
+                desired = compute_slices(svc, pods, endpoint)
             existing = {
                 k: self._objects[k]
                 for k in self._slices_of.get((skey.namespace, skey.name), set())
