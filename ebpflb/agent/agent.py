@@ -112,10 +112,11 @@ class Agent:
         self.synced: set[str] = set()
         self.health = HealthChecks()
         self.syncs = 0
-        self.full_syncs = 0
-        # The next programming compares every entry: at start, after a relist or a
-        # failure, and every resync_interval; otherwise only changed Services are written.
-        self.full_resync = True
+        # Why the next programming compares every entry ("" = it need not): at start,
+        # after a relist or a failure, and every resync_interval. Otherwise only the
+        # Services changed since the last one are written (a watch that resumed after
+        # a registry outage is no reason: it missed nothing).
+        self.full_resync = "start"
 
     def _attach(self, ifindex: int, ifname: str) -> None:
         # Ingress: the pod's packets (DNAT to a backend, reverse NAT of its replies).
@@ -178,7 +179,7 @@ class Agent:
         elif isinstance(msg, Relist):
             self.synced.discard(msg.kind)
             self.state.reset(msg.kind)
-            self.full_resync = True
+            self.full_resync = f"relist of {msg.kind}"
         elif isinstance(msg, Synced):
             self.synced.add(msg.kind)
 
@@ -201,7 +202,7 @@ class Agent:
                 except queue.Empty:
                     pass
                 if time.monotonic() - last_full > self.cfg.resync_interval:
-                    self.full_resync = True
+                    self.full_resync = self.full_resync or "periodic"
                 # Until both kinds are fully listed the maps are left as they are:
                 # a restarted agent must not program a half-known state.
                 if self.synced == set(WATCHED) and (self.state.dirty or self.full_resync):
@@ -215,28 +216,27 @@ class Agent:
             self.shutdown()
 
     def _program(self) -> None:
-        """Bring the maps up to date: a full mark-and-sweep when full_resync is set,
+        """Bring the maps up to date: a full mark-and-sweep when full_resync says why,
         else an update of the Services changed since the last time. A failure makes
         the next one full."""
-        full = self.full_resync
+        reason = self.full_resync
         try:
-            if full:
+            if reason:
                 stats = self.programmer.sync(self.state.by_service(), full=True)
-                self.full_syncs += 1
             else:
                 stats = self.programmer.update(self.state.changes())
             self.health.sync(self.state.health_checks())
             self.syncs += 1
-            self.full_resync = False
+            self.full_resync = ""
         except Exception:
             log.exception("programming the maps failed; a full resync follows")
-            self.full_resync = True
+            self.full_resync = "after a failure"
             self.stop.wait(0.5)
             return
-        if self.syncs == 1:
-            log.info("synced: %d Services programmed (%s)", len(self.state.services), stats)
+        if reason:
+            log.info("full sync (%s): %d Services; %s", reason, len(self.state.services), stats)
         else:
-            log.debug("sync %d (%s): %s", self.syncs, "full" if full else "update", stats)
+            log.debug("sync %d: %s", self.syncs, stats)
 
     def shutdown(self) -> None:
         self.stop.set()

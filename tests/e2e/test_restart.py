@@ -198,6 +198,8 @@ def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) ->
         return body.strip()
 
     eventually(get)
+    full_syncs = lb.agent_log(node).count("full sync (")
+    assert full_syncs >= 1
     assert lb.registry_proc is not None
     lb.registry_proc.send_signal(signal.SIGKILL)
     lb.registry_proc.wait(timeout=10)
@@ -210,3 +212,7 @@ def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) ->
         assert {get() for _ in range(20)} == {"regdown0", "regdown1"}
 
     eventually(both, timeout=60)
+    # It resumed from the revisions it had seen: no relist, no full reprogramming.
+    log = lb.agent_log(node)
+    assert "relisting" not in log
+    assert log.count("full sync (") == full_syncs, log[-3000:]
