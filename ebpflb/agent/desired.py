@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ebpflb.agent.healthcheck import HealthCheck
 from ebpflb.api.v1 import registry_pb2 as pb
@@ -31,6 +32,10 @@ def affinity_timeout(svc: pb.Service) -> int:
     return cfg.timeout_seconds if cfg.HasField("timeout_seconds") else DEFAULT_AFFINITY_TIMEOUT
 
 
+# Backends are immutable: one object per endpoint, however many Services and changes name it.
+_backend = lru_cache(maxsize=1 << 16)(Backend)
+
+
 def _backends(
     port: pb.ServicePort, slices: list[pb.EndpointSlice], node: str, local_only: bool
 ) -> tuple[Backend, ...]:
@@ -48,7 +53,7 @@ def _backends(
                 local = ep.node_name == node
                 if not ep.addresses or (local_only and not local):
                     continue
-                b = Backend(ep.addresses[0], ep_port.port, local=local)
+                b = _backend(ep.addresses[0], ep_port.port, local)
                 if endpoint_ready(ep):
                     ready.append(b)
                 elif endpoint_serving(ep) and ep.conditions.terminating:

@@ -173,6 +173,8 @@ def assign_slots(old: list[int | None], wanted: list[int]) -> list[int]:
     """Slots for wanted backend ids: those already in a slot below len(wanted) stay there, the
     others fill the holes in order. Keeps the hash -> backend mapping of new flows stable."""
     n = len(wanted)
+    if not old:  # a new service: nothing to keep
+        return list(wanted)
     want = set(wanted)
     result: list[int | None] = [None] * n
     placed: set[int] = set()
@@ -312,7 +314,7 @@ class Programmer:
                 svc_id = self._svc_ids[key] = self._alloc_svc()
             bids = []
             for b in fe.backends:
-                ep = (ip_to_be32(b.ip), b.port, proto, b.flags)
+                ep = (_be32(b.ip), b.port, proto, b.flags)
                 bid = self._backend_ids.get(ep)
                 if bid is None:
                     bid = self._backend_ids[ep] = self._alloc_backend()
@@ -448,7 +450,10 @@ class Programmer:
 
 
 def _svc_key(fe: Frontend) -> SvcK:
-    return ip_to_be32(fe.vip), fe.port, PROTOCOLS[fe.protocol]
+    return _be32(fe.vip), fe.port, PROTOCOLS[fe.protocol]
+
+
+_be32 = lru_cache(maxsize=1 << 16)(ip_to_be32)  # the same addresses, again and again
 
 
 # -- conversions from the image's tuples to the maps' rows (the structs' fields in order) --
