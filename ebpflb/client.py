@@ -138,8 +138,13 @@ class Watch:
         self._cancelled = threading.Event()
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
+        """Every event, one by one (a BATCH message's events in order)."""
         try:
-            yield from self._call
+            for ev in self._call:
+                if ev.type == pb.WatchEvent.BATCH:
+                    yield from ev.batch
+                else:
+                    yield ev
         except grpc.RpcError as e:
             if self._cancelled.is_set() and _call(e).code() == grpc.StatusCode.CANCELLED:
                 return
@@ -268,6 +273,7 @@ class RegistryClient:
             namespace=namespace,
             label_selector=label_selector,
             resource_version=resource_version,
+            allow_batches=True,
         )
         i = self._current
         return Watch(self, self._stubs[i].Watch(req), i)

@@ -41,6 +41,7 @@ class AgentConfig:
     cleanup: bool = False  # on exit, detach and remove the pins
     tls: TlsConfig | None = None  # mTLS to a host:port registry (ignored for a unix socket)
     gc_interval: float = 10.0
+    resync_interval: float = 300.0  # a full mark-and-sweep of the maps this often (safety net)
 
     @property
     def pins(self) -> str:
@@ -113,6 +114,11 @@ class Agent:
         self.synced: set[str] = set()
         self.health = HealthChecks()
         self.syncs = 0
+        # Why the next programming compares every entry ("" = it need not): at start,
+        # after a relist or a failure, and every resync_interval. Otherwise only the
+        # Services changed since the last one are written (a watch that resumed after
+        # a registry outage is no reason: it missed nothing).
+        self.full_resync = "start"
 
     def _attach(self, ifindex: int, ifname: str) -> None:
         # Ingress: the pod's packets (DNAT to a backend, reverse NAT of its replies).
@@ -180,6 +186,7 @@ class Agent:
         elif isinstance(msg, Relist):
             self.synced.discard(msg.kind)
             self.state.reset(msg.kind)
+            self.full_resync = f"relist of {msg.kind}"
         elif isinstance(msg, Synced):
             self.synced.add(msg.kind)
 
@@ -192,8 +199,7 @@ class Agent:
         threading.Thread(target=self.register_node, name="register", daemon=True).start()
         for w in self.watchers:
             w.start()
-        full_resync = True
-        last_gc = time.monotonic()
+        last_gc = last_full = time.monotonic()
         try:
             while not self.stop.is_set():
                 try:
@@ -202,26 +208,14 @@ class Agent:
                         self._handle(self.queue.get_nowait())
                 except queue.Empty:
                     pass
+                if time.monotonic() - last_full > self.cfg.resync_interval:
+                    self.full_resync = self.full_resync or "periodic"
                 # Until both kinds are fully listed the maps are left as they are:
                 # a restarted agent must not program a half-known state.
-                if self.synced == set(WATCHED) and (self.state.dirty or full_resync):
-                    try:
-                        stats = self.programmer.sync(self.state.frontends(), full=full_resync)
-                        self.health.sync(self.state.health_checks())
-                        self.syncs += 1
-                        full_resync = False
-                        if self.syncs == 1:
-                            log.info(
-                                "synced: %d frontends programmed (%s)",
-                                len(self.state.frontends()),
-                                stats,
-                            )
-                        else:
-                            log.debug("sync %d: %s", self.syncs, stats)
-                    except Exception:
-                        log.exception("programming the maps failed; a full resync follows")
-                        full_resync = True
-                        self.stop.wait(0.5)
+                if self.synced == set(WATCHED) and (self.state.dirty or self.full_resync):
+                    if self.full_resync:
+                        last_full = time.monotonic()
+                    self._program()
                 if self.syncs and self.datapath.migrating:
                     # A failure raises: the agent exits, the old datapath left as it was.
                     self.datapath.finish_migration()
@@ -231,6 +225,29 @@ class Agent:
                     self.datapath.gc()
         finally:
             self.shutdown()
+
+    def _program(self) -> None:
+        """Bring the maps up to date: a full mark-and-sweep when full_resync says why,
+        else an update of the Services changed since the last time. A failure makes
+        the next one full."""
+        reason = self.full_resync
+        try:
+            if reason:
+                stats = self.programmer.sync(self.state.by_service(), full=True)
+            else:
+                stats = self.programmer.update(self.state.changes())
+            self.health.sync(self.state.health_checks())
+            self.syncs += 1
+            self.full_resync = ""
+        except Exception:
+            log.exception("programming the maps failed; a full resync follows")
+            self.full_resync = "after a failure"
+            self.stop.wait(0.5)
+            return
+        if reason:
+            log.info("full sync (%s): %d Services; %s", reason, len(self.state.services), stats)
+        else:
+            log.debug("sync %d: %s", self.syncs, stats)
 
     def shutdown(self) -> None:
         self.stop.set()

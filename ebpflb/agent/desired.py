@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ebpflb.agent.healthcheck import HealthCheck
 from ebpflb.api.v1 import registry_pb2 as pb
@@ -31,6 +32,10 @@ def affinity_timeout(svc: pb.Service) -> int:
     return cfg.timeout_seconds if cfg.HasField("timeout_seconds") else DEFAULT_AFFINITY_TIMEOUT
 
 
+# Backends are immutable: one object per endpoint, however many Services and changes name it.
+_backend = lru_cache(maxsize=1 << 16)(Backend)
+
+
 def _backends(
     port: pb.ServicePort, slices: list[pb.EndpointSlice], node: str, local_only: bool
 ) -> tuple[Backend, ...]:
@@ -48,7 +53,7 @@ def _backends(
                 local = ep.node_name == node
                 if not ep.addresses or (local_only and not local):
                     continue
-                b = Backend(ep.addresses[0], ep_port.port, local=local)
+                b = _backend(ep.addresses[0], ep_port.port, local)
                 if endpoint_ready(ep):
                     ready.append(b)
                 elif endpoint_serving(ep) and ep.conditions.terminating:
@@ -152,9 +157,11 @@ class DesiredState:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
-    def _recompute(self) -> None:
-        """Frontends and health checks of the Services changed since the last call."""
-        for key in self._dirty:
+    def _recompute(self) -> set[Key]:
+        """Frontends and health checks of the Services changed since the last call;
+        returns those Services."""
+        changed = self._dirty
+        for key in changed:
             svc = self.services.get(key)
             self._frontends.pop(key, None)
             self._health.pop(key, None)
@@ -165,7 +172,18 @@ class DesiredState:
             check = health_check(svc, slices, self.node)
             if check is not None:
                 self._health[key] = (svc.spec.health_check_node_port, check)
-        self._dirty.clear()
+        self._dirty = set()
+        return changed
+
+    def changes(self) -> dict[Key, list[Frontend]]:
+        """The frontends of each Service changed since the last call (an empty list for
+        one that is gone or has none): what Programmer.update() takes."""
+        return {key: self._frontends.get(key, []) for key in self._recompute()}
+
+    def by_service(self) -> dict[Key, list[Frontend]]:
+        """Every Service's frontends (what Programmer.sync() takes); marks all as seen."""
+        self._recompute()
+        return dict(self._frontends)
 
     def frontends(self) -> list[Frontend]:
         """Every frontend of every Service."""

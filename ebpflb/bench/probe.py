@@ -47,13 +47,19 @@ class MapProbe:
     def frontends(self) -> int:
         return len(self.maps.services.items())
 
-    def complete(self, wanted: Iterable[tuple[str, int]], backends: int) -> int:
-        """How many of the wanted (vip, port) TCP frontends have `backends` backends."""
-        want = {(ip_to_be32(vip), port_to_be16(port)) for vip, port in wanted}
+    @staticmethod
+    def keys(wanted: Iterable[tuple[str, int]]) -> frozenset[tuple[int, int]]:
+        """(vip, port) pairs as complete() takes them."""
+        return frozenset((ip_to_be32(vip), port_to_be16(port)) for vip, port in wanted)
+
+    def complete(self, keys: frozenset[tuple[int, int]], backends: int) -> int:
+        """How many of the keys() TCP frontends have `backends` backends. Cheap (one
+        batch read of the services map as rows), so that polling it while the agent
+        works does not take the CPU the agent needs."""
         return sum(
             1
-            for k, v in self.maps.services.items()
-            if (int(k.vip), int(k.port)) in want and int(v.count) == backends
+            for (vip, port, _, _), (_, count, _, _, _) in self.maps.services.rows()
+            if count == backends and (vip, port) in keys
         )
 
     def __enter__(self) -> MapProbe:

@@ -133,6 +133,8 @@ def lib() -> ctypes.CDLL:
         "bpf_xdp_query_id": [c_int, c_int, POINTER(c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint32],
         "bpf_map_create": [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p],
+        "bpf_map_update_batch": [c_int, c_void_p, c_void_p, POINTER(c_uint32), c_void_p],
+        "bpf_map_delete_batch": [c_int, c_void_p, POINTER(c_uint32), c_void_p],
         "bpf_map_lookup_batch": [
             c_int,
             c_void_p,
@@ -180,6 +182,20 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, entries
     """A new map; returns its fd."""
     fd = lib().bpf_map_create(map_type, name.encode(), key_size, value_size, entries, None)
     return check(fd, f"creating map {name}")
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Write count entries (keys and values packed back to back) in one syscall.
+    BpfError on failure: entries before the failing one may have been written."""
+    n = c_uint32(count)
+    check(lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None), "batch update")
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int) -> None:
+    """Delete count entries (keys packed back to back) in one syscall. BpfError on
+    failure (ENOENT when a key is not there): entries before it may be gone."""
+    n = c_uint32(count)
+    check(lib().bpf_map_delete_batch(fd, keys, ctypes.byref(n), None), "batch delete")
 
 
 def map_info(fd: int) -> MapInfo:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from socket import ntohs
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ebpflb.datapath.maps import LbMaps, MapLike
+from ebpflb.datapath import _libbpf
+from ebpflb.datapath.maps import BpfMap, LbMaps, MapLike, Row, struct_format
 from ebpflb.datapath.structs import (
     BE_F_LOCAL,
     PROTOCOL_NAMES,
@@ -18,12 +20,7 @@ from ebpflb.datapath.structs import (
     SVC_F_AFFINITY,
     SVC_F_NODEPORT,
     U32,
-    BackendValue,
     IdState,
-    MemberKey,
-    SlotKey,
-    SvcKey,
-    SvcValue,
     be32_to_ip,
     ip_to_be32,
     port_to_be16,
@@ -38,11 +35,21 @@ MAX_ID = 2**32 - 1
 MAX_BACKENDS_PER_FRONTEND = 2**16 - 1  # lb_svc_value.count is a __u16
 
 
-def _ipv4(ip: str, what: str) -> None:
+@lru_cache(maxsize=1 << 16)
+def _ip_int(ip: str) -> int | None:
+    """The address as an integer, None if ip is not IPv4 (cached: the agent builds the same
+    few thousand pod addresses into Backends again on every change of their Services)."""
     try:
-        ipaddress.IPv4Address(ip)
+        return int(ipaddress.IPv4Address(ip))
     except ValueError:
-        raise ValueError(f"{what} {ip!r} is not an IPv4 address") from None
+        return None
+
+
+def _ipv4(ip: str, what: str) -> int:
+    value = _ip_int(ip)
+    if value is None:
+        raise ValueError(f"{what} {ip!r} is not an IPv4 address")
+    return value
 
 
 def _port(port: int, what: str) -> None:
@@ -69,7 +76,7 @@ class Backend:
         _port(self.port, "backend port")
 
     def sort_key(self) -> tuple[int, int, bool]:
-        return int(ipaddress.IPv4Address(self.ip)), self.port, self.local
+        return _ipv4(self.ip, "backend address"), self.port, self.local
 
     @property
     def flags(self) -> int:
@@ -107,7 +114,7 @@ class Frontend:
         object.__setattr__(self, "backends", unique)
 
     def sort_key(self) -> tuple[int, int, str]:
-        return int(ipaddress.IPv4Address(self.vip)), self.port, self.protocol
+        return _ipv4(self.vip, "frontend address"), self.port, self.protocol
 
     @property
     def flags(self) -> int:
@@ -146,6 +153,9 @@ SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
 Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
 Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
+# Who a frontend belongs to (the agent: its Service's key); update() replaces what one owner has.
+Owner = Hashable
+Owned = Mapping[Any, Iterable[Frontend]]  # owner -> its frontends
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -163,6 +173,8 @@ def assign_slots(old: list[int | None], wanted: list[int]) -> list[int]:
     """Slots for wanted backend ids: those already in a slot below len(wanted) stay there, the
     others fill the holes in order. Keeps the hash -> backend mapping of new flows stable."""
     n = len(wanted)
+    if not old:  # a new service: nothing to keep
+        return list(wanted)
     want = set(wanted)
     result: list[int | None] = [None] * n
     placed: set[int] = set()
@@ -188,10 +200,17 @@ class Programmer:
     -> backends. Ids are handed out monotonically and the next ones are kept
     in the pinned id_state map, so an id a conntrack entry may still name is
     never given to something else.
+
+    sync() compares everything (mark-and-sweep: at startup, after a failure, as a
+    safety net); update() touches only the frontends of the owners it is given, in the
+    same order, so one changed Service costs its own entries, not the whole table.
+    Entries go to the kernel in batches (one syscall per map and step).
     """
 
     def __init__(self, datapath: Datapath | LbMaps) -> None:
         self._maps = datapath if isinstance(datapath, LbMaps) else datapath.maps
+        self._owned: dict[Owner, list[SvcK]] = {}
+        self._owner_of: dict[SvcK, Owner] = {}
         self._load()
 
     # -- reading the maps -------------------------------------------------
@@ -226,6 +245,7 @@ class Programmer:
         self._backend_ids: dict[Endpoint, int] = {}
         for bid in sorted(self._state.backends):
             self._backend_ids.setdefault(self._state.backends[bid], bid)
+        self._refs = Counter(bid for _, bid in self._state.members)  # backend -> its members
 
     def reload(self) -> None:
         """Forget the image and read the maps again (after a failure, or to repair drift)."""
@@ -254,16 +274,30 @@ class Programmer:
 
     # -- writing ----------------------------------------------------------
 
-    def sync(self, frontends: Iterable[Frontend], full: bool = False) -> SyncStats:
-        """Make the maps hold exactly frontends.
+    def sync(self, frontends: Iterable[Frontend] | Owned, full: bool = False) -> SyncStats:
+        """Make the maps hold exactly frontends (a plain list, or each owner's frontends:
+        what update() later replaces owner by owner; a plain list has the owner None).
 
         full: reread the maps first instead of trusting this object's image of
         them (repairs any drift). A failed sync makes the next one full.
         """
+        owned = frontends if isinstance(frontends, Mapping) else {None: frontends}
         if self._dirty or full:
             self._load()
         try:
-            return self._sync(list(frontends))
+            return self._sync({o: list(fes) for o, fes in owned.items()})
+        except BaseException:
+            self._dirty = True
+            raise
+
+    def update(self, changed: Owned) -> SyncStats:
+        """Replace the frontends of the owners in changed (an empty list removes an
+        owner's), leaving every other owner's entries unread and untouched. Needs a
+        sync() first, and again after any failure (RuntimeError until then)."""
+        if self._dirty:
+            raise RuntimeError("the programmer's image of the maps is stale: sync() first")
+        try:
+            return self._update({o: list(fes) for o, fes in changed.items()})
         except BaseException:
             self._dirty = True
             raise
@@ -272,7 +306,7 @@ class Programmer:
         want = _State(services={}, backends={}, slots={}, members={})
         for fe in frontends:
             proto = PROTOCOLS[fe.protocol]
-            key = (ip_to_be32(fe.vip), fe.port, proto)
+            key = _svc_key(fe)
             if key in want.services:
                 raise ValueError(f"frontend {fe.vip}:{fe.port}/{fe.protocol} given twice")
             svc_id = self._svc_ids.get(key)
@@ -280,7 +314,7 @@ class Programmer:
                 svc_id = self._svc_ids[key] = self._alloc_svc()
             bids = []
             for b in fe.backends:
-                ep = (ip_to_be32(b.ip), b.port, proto, b.flags)
+                ep = (_be32(b.ip), b.port, proto, b.flags)
                 bid = self._backend_ids.get(ep)
                 if bid is None:
                     bid = self._backend_ids[ep] = self._alloc_backend()
@@ -295,29 +329,92 @@ class Programmer:
             want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout)
         return want
 
-    def _sync(self, frontends: list[Frontend]) -> SyncStats:
-        want = self._desired(frontends)
+    def _sync(self, owned: dict[Owner, list[Frontend]]) -> SyncStats:
+        want = self._desired([fe for fes in owned.values() for fe in fes])
         m, have = self._maps, self._state
         stats: Counter[str] = Counter()
-
-        ids = (self._next_svc, self._next_backend)
-        if ids != self._saved_ids:  # before any entry names a new id
-            m.id_state.update(U32(0), IdState(*ids))
-            self._saved_ids = ids
-
-        _ensure(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
-        _ensure(m.service_members, have.members, want.members, _member_kv, "members", stats)
-        _ensure(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
-        _ensure(m.services, have.services, want.services, _svc_kv, "services", stats)
+        self._save_ids()
+        self._ensure_all(want, stats)
         _sweep(m.services, have.services, want.services, _svc_kv, "services", stats)
         _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
         _sweep(m.service_members, have.members, want.members, _member_kv, "members", stats)
         _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
 
         self._reindex()
+        self._owned = {o: [_svc_key(fe) for fe in fes] for o, fes in owned.items() if fes}
+        self._owner_of = {k: o for o, keys in self._owned.items() for k in keys}
         result = SyncStats(**stats)
         log.debug("datapath sync: %s", result)
         return result
+
+    def _update(self, changed: dict[Owner, list[Frontend]]) -> SyncStats:
+        m, have = self._maps, self._state
+        keys = {o: [_svc_key(fe) for fe in fes] for o, fes in changed.items()}
+        for o, ks in keys.items():
+            for k in ks:
+                other = self._owner_of.get(k, o)
+                if other != o and other not in changed:
+                    vip, port, proto = k
+                    raise ValueError(
+                        f"frontend {be32_to_ip(vip)}:{port}/{PROTOCOL_NAMES[proto]} of {o} "
+                        f"is {other}'s"
+                    )
+        # What the changed owners hold now: only these entries can go.
+        old_keys = [k for o in changed for k in self._owned.get(o, ())]
+        old = [have.services[k] for k in old_keys if k in have.services]
+        old_slots = [(v[0], s) for v in old for s in range(v[1])]
+        old_members = [(sid, have.slots[(sid, s)]) for sid, s in old_slots]
+
+        want = self._desired([fe for fes in changed.values() for fe in fes])
+        stats: Counter[str] = Counter()
+        self._save_ids()
+        new_members = [k for k in want.members if k not in have.members]
+        self._ensure_all(want, stats)
+        self._refs.update(bid for _, bid in new_members)
+        svcs = _sweep(
+            m.services, have.services, want.services, _svc_kv, "services", stats, old_keys
+        )
+        for k in svcs:
+            del self._svc_ids[k]
+        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats, old_slots)
+        left = _sweep(
+            m.service_members, have.members, want.members, _member_kv, "members", stats, old_members
+        )
+        self._refs.subtract(bid for _, bid in left)
+        unused = {bid for _, bid in left if self._refs[bid] <= 0}
+        for bid in unused:
+            del self._refs[bid]
+            ep = have.backends.get(bid)
+            if ep is not None and self._backend_ids.get(ep) == bid:
+                del self._backend_ids[ep]
+        _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats, unused)
+
+        for o in changed:
+            for k in self._owned.pop(o, ()):
+                if self._owner_of.get(k) == o:
+                    del self._owner_of[k]
+        for o, ks in keys.items():
+            if ks:
+                self._owned[o] = ks
+                self._owner_of.update(dict.fromkeys(ks, o))
+        result = SyncStats(**stats)
+        log.debug("datapath update of %d owners: %s", len(changed), result)
+        return result
+
+    def _save_ids(self) -> None:
+        """The next ids into id_state, before any entry names a new one."""
+        ids = (self._next_svc, self._next_backend)
+        if ids != self._saved_ids:
+            self._maps.id_state.update(U32(0), IdState(*ids))
+            self._saved_ids = ids
+
+    def _ensure_all(self, want: _State, stats: Counter[str]) -> None:
+        """Write what want has and the maps do not, in the order that keeps them consistent."""
+        m, have = self._maps, self._state
+        _ensure(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
+        _ensure(m.service_members, have.members, want.members, _member_kv, "members", stats)
+        _ensure(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
+        _ensure(m.services, have.services, want.services, _svc_kv, "services", stats)
 
     # -- reading back -----------------------------------------------------
 
@@ -352,56 +449,101 @@ class Programmer:
         return sorted(out, key=Frontend.sort_key)
 
 
-# -- conversions between the image's tuples and the ctypes structs ----------
+def _svc_key(fe: Frontend) -> SvcK:
+    return _be32(fe.vip), fe.port, PROTOCOLS[fe.protocol]
 
 
-def _svc_kv(k: SvcK, v: SvcV | None) -> tuple[SvcKey, SvcValue | None]:
-    key = SvcKey(vip=k[0], port=port_to_be16(k[1]), proto=k[2], pad=0)
-    if v is None:
-        return key, None
-    return key, SvcValue(svc_id=v[0], count=v[1], flags=v[2], pad=0, affinity_timeout=v[3])
+_be32 = lru_cache(maxsize=1 << 16)(ip_to_be32)  # the same addresses, again and again
 
 
-def _backend_kv(k: int, v: BeV | None) -> tuple[U32, BackendValue | None]:
-    if v is None:
-        return U32(k), None
-    return U32(k), BackendValue(addr=v[0], port=port_to_be16(v[1]), proto=v[2], flags=v[3])
+# -- conversions from the image's tuples to the maps' rows (the structs' fields in order) --
 
 
-def _slot_kv(k: Pair, v: int | None) -> tuple[SlotKey, U32 | None]:
-    return SlotKey(svc_id=k[0], slot=k[1]), None if v is None else U32(v)
+def _svc_kv(k: SvcK, v: SvcV | None) -> tuple[Row, Row | None]:
+    key = (k[0], port_to_be16(k[1]), k[2], 0)
+    return key, None if v is None else (v[0], v[1], v[2], 0, v[3])
 
 
-def _member_kv(k: Pair, v: int | None) -> tuple[MemberKey, U32 | None]:
-    return MemberKey(svc_id=k[0], backend_id=k[1]), None if v is None else U32(v)
+def _backend_kv(k: int, v: BeV | None) -> tuple[Row, Row | None]:
+    return (k,), None if v is None else (v[0], port_to_be16(v[1]), v[2], v[3])
+
+
+def _slot_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
+    return k, None if v is None else (v,)
+
+
+def _member_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
+    return k, None if v is None else (v,)
+
+
+Convert = Callable[[K, V | None], tuple[Row, Row | None]]
 
 
 def _ensure(
     bpf_map: MapLike[Any, Any],
     have: dict[K, V],
     want: dict[K, V],
-    convert: Callable[[K, V | None], tuple[Any, Any]],
+    convert: Convert[K, V],
     name: str,
     stats: Counter[str],
 ) -> None:
     """Write every wanted entry whose value differs from what the map holds."""
-    for k, v in want.items():
-        if have.get(k) != v:
-            bpf_map.update(*convert(k, v))
-            have[k] = v
-            stats[f"{name}_written"] += 1
+    todo = [(k, v) for k, v in want.items() if have.get(k) != v]
+    if not todo:
+        return
+    kf, vf = struct_format(bpf_map.key_type), struct_format(bpf_map.value_type)
+    rows = [convert(k, v) for k, v in todo]
+    keys = [kf.pack(*kr) for kr, _ in rows]
+    values = [vf.pack(*vr) for _, vr in rows if vr is not None]
+    if not _batched(bpf_map, lambda fd: _libbpf.map_update_batch(fd, *_joined(keys, values))):
+        for kb, vb in zip(keys, values, strict=True):
+            bpf_map.update(
+                bpf_map.key_type.from_buffer_copy(kb), bpf_map.value_type.from_buffer_copy(vb)
+            )
+    have.update(todo)
+    stats[f"{name}_written"] += len(todo)
 
 
 def _sweep(
     bpf_map: MapLike[Any, Any],
     have: dict[K, V],
     want: dict[K, V],
-    convert: Callable[[K, V | None], tuple[Any, Any]],
+    convert: Convert[K, V],
     name: str,
     stats: Counter[str],
-) -> None:
-    """Delete every entry that is not wanted."""
-    for k in [k for k in have if k not in want]:
-        bpf_map.delete(convert(k, None)[0])
+    scope: Iterable[K] | None = None,
+) -> list[K]:
+    """Delete every entry that is not wanted (of scope only, when given: the keys that
+    may have become unwanted); returns the keys deleted."""
+    gone = list(dict.fromkeys(k for k in (have if scope is None else scope) if k not in want))
+    gone = [k for k in gone if k in have]
+    if not gone:
+        return gone
+    kf = struct_format(bpf_map.key_type)
+    keys = [kf.pack(*convert(k, None)[0]) for k in gone]
+    if not _batched(bpf_map, lambda fd: _libbpf.map_delete_batch(fd, b"".join(keys), len(keys))):
+        for kb in keys:
+            bpf_map.delete(bpf_map.key_type.from_buffer_copy(kb))
+    for k in gone:
         del have[k]
-        stats[f"{name}_deleted"] += 1
+    stats[f"{name}_deleted"] += len(gone)
+    return gone
+
+
+def _joined(keys: list[bytes], values: list[bytes]) -> tuple[bytes, bytes, int]:
+    return b"".join(keys), b"".join(values), len(keys)
+
+
+def _batched(bpf_map: MapLike[Any, Any], call: Callable[[int], None]) -> bool:
+    """Run a batch operation on a kernel map; False where it cannot (not a kernel map,
+    or the batch failed: the caller then goes entry by entry, which also names the
+    entry that fails). Updates and deletes are idempotent, so a half-done batch is
+    simply done again."""
+    if not isinstance(bpf_map, BpfMap):
+        return False
+    try:
+        call(bpf_map.fd)
+    except _libbpf.BpfError as e:
+        log.debug("batch operation on %s failed (%s): entry by entry", bpf_map.name, e)
+        return False
+    return True

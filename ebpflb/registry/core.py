@@ -30,7 +30,13 @@ from ebpflb.objects import (
     wrap,
 )
 from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
-from ebpflb.registry.endpoints import MANAGED_BY, MANAGED_BY_LABEL, compute_slices
+from ebpflb.registry.endpoints import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    PodEndpoint,
+    compute_slices,
+    pod_endpoint,
+)
 from ebpflb.registry.store import (
     ADDED,
     DELETED,
@@ -136,6 +142,10 @@ def _retried(
         )
 
     return retry
+
+
+WatchItem = tuple[int, pb.Object | None, int]  # (event type, object, revision)
+WatchBatch = list[WatchItem]
 
 
 class Registry:
@@ -401,14 +411,23 @@ class Registry:
     def _sync_endpoints(self, txn: _Txn) -> None:
         """Recompute the managed EndpointSlices of every Service the transaction touched;
         write only those that changed."""
-        # Writing slices touches no Service, so the set is complete here.
+        # Writing slices touches no Service, so the set is complete here; nor a Pod, so
+        # each Pod's endpoint is built once for all the Services that select it.
+        endpoints: dict[int, tuple[pb.Pod, PodEndpoint | None]] = {}  # by id(); holds the pod
+
+        def endpoint(pod: pb.Pod) -> PodEndpoint | None:
+            hit = endpoints.get(id(pod))
+            if hit is None:
+                hit = endpoints[id(pod)] = (pod, pod_endpoint(pod))
+            return hit[1]
+
         for skey in sorted(txn.touched_services):
             svc_obj = self._objects.get(skey)
             desired: list[pb.EndpointSlice] = []
             if svc_obj is not None:
                 svc = svc_obj.service
                 pods = self._pods_selected(skey.namespace, dict(svc.spec.selector))
-                desired = compute_slices(svc, pods)
+                desired = compute_slices(svc, pods, endpoint)
             existing = {
                 k: self._objects[k]
                 for k in self._slices_of.get((skey.namespace, skey.name), set())
@@ -772,6 +791,24 @@ class Registry:
         """(event type, object, revision) for every matching change after
         resource_version, in order. With "" it starts with the current state as ADDED
         events and a BOOKMARK. Raises GONE when the history no longer reaches back."""
+        for batch in self.watch_batches(
+            kind, namespace, selector, resource_version, active, bookmark_every
+        ):
+            yield from batch
+
+    def watch_batches(
+        self,
+        kind: str = "",
+        namespace: str = "",
+        selector: str = "",
+        resource_version: str = "",
+        active: Callable[[], bool] = lambda: True,
+        bookmark_every: float = 10.0,
+        size: int = 1000,
+    ) -> Iterator[WatchBatch]:
+        """watch()'s events in lists of at most size: each list holds what was ready
+        together (a burst of changes, or part of the initial state), so that a caller
+        can send it as one message."""
         match = self._matcher(kind, namespace, selector)
         with self._lock:
             if resource_version == "":
@@ -787,10 +824,13 @@ class Registry:
                     ) from None
                 self._check_resumable(rev)
                 initial = []
-        for obj in initial:
-            yield ADDED, obj, int(message_of(obj).metadata.resource_version)
+        for i in range(0, len(initial), size):
+            yield [
+                (ADDED, obj, int(message_of(obj).metadata.resource_version))
+                for obj in initial[i : i + size]
+            ]
         if resource_version == "":
-            yield BOOKMARK, None, rev
+            yield [(BOOKMARK, None, rev)]
         last_sent = time.monotonic()
         while active():
             with self._lock:
@@ -800,16 +840,17 @@ class Registry:
                     raise RegistryError(Reason.UNAVAILABLE, "the registry is shutting down")
                 self._check_resumable(rev)
                 start = rev + 1 - self._first_rev
-                batch = self._events[start : start + 1000]
+                batch = self._events[start : start + size]
                 published = self._revision
-            for ev in batch:
-                rev = ev.rev
-                if match(ev.key, ev.obj):
-                    yield ev.type, ev.obj, ev.rev
+            if batch:
+                rev = batch[-1].rev
+                out: WatchBatch = [(e.type, e.obj, e.rev) for e in batch if match(e.key, e.obj)]
+                if out:
+                    yield out
                     last_sent = time.monotonic()
-            if not batch and time.monotonic() - last_sent >= bookmark_every:
+            elif time.monotonic() - last_sent >= bookmark_every:
                 rev = max(rev, published)
-                yield BOOKMARK, None, rev
+                yield [(BOOKMARK, None, rev)]
                 last_sent = time.monotonic()
 
     def _check_resumable(self, rev: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.objects import KINDS, SERVICE_NAME_LABEL, int_or_string
@@ -59,19 +59,60 @@ def slice_name(service: str, ports: PortSet) -> str:
     return f"{service}-{digest}"
 
 
-def compute_slices(svc: pb.Service, pods: Iterable[pb.Pod]) -> list[pb.EndpointSlice]:
+# A Pod as an endpoint: its IP and name (the order in a slice) and the Endpoint itself.
+PodEndpoint = tuple[str, str, pb.Endpoint]
+
+
+def pod_endpoint(pod: pb.Pod) -> PodEndpoint | None:
+    """The endpoint a Pod makes in any slice (it depends on the pod alone); None for a
+    pod without an IP, or one that has finished."""
+    ip = pod.status.pod_ip
+    if not ip or pod.status.phase in ("Succeeded", "Failed"):
+        return None
+    ready = pod_is_ready(pod)
+    terminating = pod_is_terminating(pod)
+    ep = pb.Endpoint(addresses=[ip], node_name=pod.spec.node_name)
+    ep.conditions.ready = ready and not terminating
+    ep.conditions.serving = ready
+    ep.conditions.terminating = terminating
+    ep.target_ref.kind = "Pod"
+    ep.target_ref.namespace = pod.metadata.namespace
+    ep.target_ref.name = pod.metadata.name
+    ep.target_ref.uid = pod.metadata.uid
+    return ip, pod.metadata.name, ep
+
+
+def _fixed_ports(svc: pb.Service) -> PortSet | None:
+    """The port set of every pod when no targetPort is a name (then no pod is looked at)."""
+    out = []
+    for p in svc.spec.ports:
+        target = int_or_string(p.target_port)
+        if isinstance(target, str):
+            return None
+        out.append((p.name, p.protocol or "TCP", p.port if target is None else target))
+    return tuple(out)
+
+
+def compute_slices(
+    svc: pb.Service,
+    pods: Iterable[pb.Pod],
+    endpoint: Callable[[pb.Pod], PodEndpoint | None] = pod_endpoint,
+) -> list[pb.EndpointSlice]:
     """The EndpointSlices for svc given the pods its selector picks: one slice per
     distinct set of resolved ports (a named targetPort may resolve differently per
     pod; a pod without the name is not an endpoint for that port). Pods without an
     IP, or that have finished, are no endpoints. Sorted, so equal input gives equal
-    output and an unchanged slice is never rewritten."""
-    groups: dict[PortSet, list[pb.Pod]] = {}
+    output and an unchanged slice is never rewritten. endpoint: pod_endpoint, or a
+    cache of it (a transaction builds each pod's endpoint once for all its Services)."""
+    fixed = _fixed_ports(svc)
+    groups: dict[PortSet, list[PodEndpoint]] = {}
     for pod in pods:
-        if not pod.status.pod_ip or pod.status.phase in ("Succeeded", "Failed"):
+        made = endpoint(pod)
+        if made is None:
             continue
-        ports = pod_port_set(svc, pod)
+        ports = fixed if fixed is not None else pod_port_set(svc, pod)
         if ports:
-            groups.setdefault(ports, []).append(pod)
+            groups.setdefault(ports, []).append(made)
     slices = []
     for ports, members in sorted(groups.items()):
         es = pb.EndpointSlice(
@@ -85,16 +126,7 @@ def compute_slices(svc: pb.Service, pods: Iterable[pb.Pod]) -> list[pb.EndpointS
         es.metadata.labels[MANAGED_BY_LABEL] = MANAGED_BY
         for name, protocol, port in ports:
             es.ports.add(name=name, protocol=protocol, port=port)
-        for pod in sorted(members, key=lambda p: (p.status.pod_ip, p.metadata.name)):
-            ready = pod_is_ready(pod)
-            terminating = pod_is_terminating(pod)
-            ep = es.endpoints.add(addresses=[pod.status.pod_ip], node_name=pod.spec.node_name)
-            ep.conditions.ready = ready and not terminating
-            ep.conditions.serving = ready
-            ep.conditions.terminating = terminating
-            ep.target_ref.kind = "Pod"
-            ep.target_ref.namespace = pod.metadata.namespace
-            ep.target_ref.name = pod.metadata.name
-            ep.target_ref.uid = pod.metadata.uid
+        members.sort(key=lambda m: (m[0], m[1]))
+        es.endpoints.extend(ep for _, _, ep in members)
         slices.append(es)
     return slices

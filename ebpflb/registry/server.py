@@ -25,7 +25,7 @@ from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
 from ebpflb.objects import Key, key_of
 from ebpflb.registry import auth
-from ebpflb.registry.core import Reason, Registry, RegistryError
+from ebpflb.registry.core import Reason, Registry, RegistryError, WatchBatch, WatchItem
 from ebpflb.registry.store import open_store
 
 log = logging.getLogger("ebpflb.registry")
@@ -182,20 +182,45 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     def Watch(
         self, request: pb.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchEvent]:
+        args = (request.kind, request.namespace, request.label_selector, request.resource_version)
         try:
-            for typ, obj, rev in self.registry.watch(
-                request.kind,
-                request.namespace,
-                request.label_selector,
-                request.resource_version,
-                active=context.is_active,
-            ):
-                ev = pb.WatchEvent(type=typ, resource_version=str(rev))  # type: ignore[arg-type]
-                if obj is not None:
-                    ev.object.CopyFrom(obj)
-                yield ev
+            if not request.allow_batches:
+                for item in self.registry.watch(*args, active=context.is_active):
+                    yield _watch_event(pb.WatchEvent(), item)
+                return
+            for batch in self.registry.watch_batches(*args, active=context.is_active):
+                yield from _batch_messages(batch)
         except RegistryError as e:
             _abort(context, e)
+
+
+WATCH_BATCH_BYTES = 4 * MIB  # a BATCH message is cut when it grows past this
+
+
+def _watch_event(ev: pb.WatchEvent, item: WatchItem) -> pb.WatchEvent:
+    typ, obj, rev = item
+    ev.type = typ  # type: ignore[assignment]
+    ev.resource_version = str(rev)
+    if obj is not None:
+        ev.object.CopyFrom(obj)
+    return ev
+
+
+def _batch_messages(batch: WatchBatch) -> Iterator[pb.WatchEvent]:
+    """Events that were ready together as few messages: one event as itself, more as
+    BATCH messages of at most about WATCH_BATCH_BYTES each."""
+    if len(batch) == 1:
+        yield _watch_event(pb.WatchEvent(), batch[0])
+        return
+    out = pb.WatchEvent(type=pb.WatchEvent.BATCH)
+    size = 0
+    for item in batch:
+        size += _watch_event(out.batch.add(), item).ByteSize()
+        if size >= WATCH_BATCH_BYTES:
+            yield out
+            out, size = pb.WatchEvent(type=pb.WatchEvent.BATCH), 0
+    if out.batch:
+        yield out
 
 
 def stored_objects(registry: Registry) -> int:

@@ -137,21 +137,24 @@ class SqliteStore:
         last = events[-1].rev
         with self._lock:
             try:
+                rows = [
+                    (ev.rev, ev.type, _key_text(ev.key), ev.obj.SerializeToString())
+                    for ev in events
+                ]
+                # Each key's last event decides what the objects table holds.
+                final = {k: (rev, typ, data) for rev, typ, k, data in rows}
                 self._db.execute("BEGIN IMMEDIATE")
-                for ev in events:
-                    k = _key_text(ev.key)
-                    data = ev.obj.SerializeToString()
-                    if ev.type == DELETED:
-                        self._db.execute("DELETE FROM objects WHERE key = ?", (k,))
-                    else:
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO objects (key, rev, data) VALUES (?, ?, ?)",
-                            (k, ev.rev, data),
-                        )
-                    self._db.execute(
-                        "INSERT INTO events (rev, type, key, data) VALUES (?, ?, ?, ?)",
-                        (ev.rev, ev.type, k, data),
-                    )
+                self._db.executemany(
+                    "DELETE FROM objects WHERE key = ?",
+                    [(k,) for k, (_, typ, _) in final.items() if typ == DELETED],
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO objects (key, rev, data) VALUES (?, ?, ?)",
+                    [(k, rev, data) for k, (rev, typ, data) in final.items() if typ != DELETED],
+                )
+                self._db.executemany(
+                    "INSERT INTO events (rev, type, key, data) VALUES (?, ?, ?, ?)", rows
+                )
                 self._db.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES ('revision', ?)", (last,)
                 )

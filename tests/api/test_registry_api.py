@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
+from ebpflb.client import RegistryClient
 from ebpflb.objects import from_manifest, load_documents
 from ebpflb.registry.core import Registry
 from ebpflb.registry.server import make_server
@@ -481,6 +482,30 @@ def test_a_watcher_away_for_100_changes_resumes_and_sees_all_in_order(
     assert [(e.type, e.object.service.metadata.name) for e in resumed] == expected
     revs = [int(e.resource_version) for e in resumed]
     assert revs == sorted(set(revs)) and revs[0] > int(last)
+
+
+def test_a_burst_comes_batched_to_a_client_that_takes_batches(
+    stub: pb_grpc.RegistryStub, registry_addr: str
+) -> None:
+    """One Apply of 50 Services: a plain watcher gets 50 messages, one that sets
+    allow_batches gets fewer, BATCH ones; the RegistryClient flattens them back into
+    the same 50 events in the same order."""
+    rv = stub.List(pb.ListRequest(), timeout=5).resource_version
+    apply(stub, *(svc(f"burst{i}") for i in range(50)))
+    plain = _events(stub, rv, 50, kind="Service")
+    batched = stub.Watch(
+        pb.WatchRequest(kind="Service", resource_version=rv, allow_batches=True), timeout=30
+    )
+    first = next(batched)
+    batched.cancel()
+    assert first.type == pb.WatchEvent.BATCH and not first.HasField("object")
+    assert len(first.batch) == 50
+    assert [e.SerializeToString() for e in first.batch] == [e.SerializeToString() for e in plain]
+    with RegistryClient(registry_addr) as client:
+        watch = client.watch(kind="Service", resource_version=rv)
+        flat = [ev for ev, _ in zip(watch, range(50), strict=False)]
+        watch.cancel()
+    assert [e.SerializeToString() for e in flat] == [e.SerializeToString() for e in plain]
 
 
 def test_watch_resumes_across_a_registry_restart(registry_process: RegistryProcess) -> None:

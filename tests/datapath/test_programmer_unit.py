@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -202,3 +203,102 @@ def test_node_settings_round_trip() -> None:
 def test_node_settings_are_checked(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         node.NodeSettings(**kwargs)  # type: ignore[arg-type]
+
+
+OWNERS = ("svc-a", "svc-b", "svc-c")
+
+
+def owned_st(owner: str) -> st.SearchStrategy[list[Frontend]]:
+    """Frontends of one owner: its own VIP (owners never share one), shared backends."""
+    vip = f"10.96.1.{OWNERS.index(owner) + 1}"
+    return desired_st.map(
+        lambda fes: list(
+            {(f.port, f.protocol): dataclasses.replace(f, vip=vip) for f in fes}.values()
+        )
+    )
+
+
+change_st = st.sampled_from(OWNERS).flatmap(lambda o: st.tuples(st.just(o), owned_st(o)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(change_st, min_size=1, max_size=12), st.integers(min_value=0, max_value=11))
+def test_updates_leave_the_maps_as_a_full_sync_would(
+    changes: list[tuple[str, list[Frontend]]], restart_at: int
+) -> None:
+    """Any sequence of per-owner updates (checked after every single write) ends with the
+    maps a full sync of the same state makes: a full sync then writes and deletes nothing."""
+    maps = checked_maps()
+    programmer = Programmer(maps)
+    state: dict[str, list[Frontend]] = {o: [] for o in OWNERS}
+    programmer.sync(state)
+    for i, (owner, fes) in enumerate(changes):
+        if i == restart_at:  # an agent restart: adopt, full sync, then updates again
+            programmer = Programmer(maps)
+            programmer.sync(state)
+        state[owner] = fes
+        programmer.update({owner: fes})
+        wanted = sorted((f for fs in state.values() for f in fs), key=Frontend.sort_key)
+        assert programmer.dump() == wanted
+    again = Programmer(maps).sync(state, full=True)
+    assert (again.written, again.deleted) == (0, 0)
+    assert programmer.update({o: state[o] for o in OWNERS}).written == 0
+
+
+def test_update_touches_only_the_changed_owner() -> None:
+    maps = fake_maps()
+    p = Programmer(maps)
+    many = {f"svc-{i}": [Frontend(f"10.96.2.{i}", 80, "TCP", PODS[:3])] for i in range(50)}
+    p.sync(many)
+    before = writes(maps)
+    stats = p.update({"svc-7": [Frontend("10.96.2.7", 80, "TCP", PODS[1:3])]})
+    after = writes(maps)
+    # The count drops, the slots move up (two writes), the old first slot and member go;
+    # the backend stays (other Services use it).
+    assert (stats.services_written, stats.slots_deleted, stats.members_deleted) == (1, 1, 1)
+    assert stats.backends_deleted == 0
+    assert (after[0] - before[0], after[1] - before[1]) == (stats.written, stats.deleted)
+    p.update({"svc-7": []})
+    assert p.service_id("10.96.2.7", 80, "TCP") is None
+    assert len(p.dump()) == 49
+
+
+def test_update_refuses_another_owners_frontend_and_a_stale_image() -> None:
+    maps = checked_maps()
+    p = Programmer(maps)
+    a = Frontend("10.96.0.1", 80, "TCP", (PODS[0],))
+    p.sync({"a": [a]})
+    with pytest.raises(ValueError, match="10.96.0.1:80/TCP of b is a's"):
+        p.update({"b": [a]})
+    with pytest.raises(RuntimeError, match="sync"):
+        p.update({"a": []})
+    p.sync({"a": [], "b": [a]})  # a full sync repairs, and may move a frontend
+    p.update({"c": [dataclasses.replace(a, port=81)]})
+    assert [f.port for f in p.dump()] == [80, 81]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(change_st, min_size=2, max_size=6), st.integers(min_value=0, max_value=20))
+def test_a_failed_update_is_repaired_by_a_full_sync(
+    changes: list[tuple[str, list[Frontend]]], fail_at: int
+) -> None:
+    maps = checked_maps()
+    programmer = Programmer(maps)
+    state: dict[str, list[Frontend]] = {o: [] for o in OWNERS}
+    programmer.sync(state)
+    *first, (owner, fes) = changes
+    for o, f in first:
+        state[o] = f
+        programmer.update({o: f})
+    state[owner] = fes
+    CheckedMap.fail_after = fail_at
+    try:
+        programmer.update({owner: fes})
+    except OSError:
+        pass
+    finally:
+        CheckedMap.fail_after = None
+    programmer.sync(state)
+    assert programmer.dump() == sorted(
+        (f for fs in state.values() for f in fs), key=Frontend.sort_key
+    )

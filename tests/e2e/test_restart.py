@@ -283,6 +283,8 @@ def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) ->
         return body.strip()
 
     eventually(get)
+    full_syncs = lb.agent_log(node).count("full sync (")
+    assert full_syncs >= 1
     assert lb.registry_proc is not None
     lb.registry_proc.send_signal(signal.SIGKILL)
     lb.registry_proc.wait(timeout=10)
@@ -295,6 +297,10 @@ def test_the_datapath_keeps_working_while_the_registry_is_down(lb: LbCluster) ->
         assert {get() for _ in range(20)} == {"regdown0", "regdown1"}
 
     eventually(both, timeout=60)
+    # It resumed from the revisions it had seen: no relist, no full reprogramming.
+    log = lb.agent_log(node)
+    assert "relisting" not in log
+    assert log.count("full sync (") == full_syncs, log[-3000:]
 
 
 def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbCluster) -> None:
@@ -335,11 +341,12 @@ def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbC
         f"\nregistry killed: {traffic.new_connections} new connections "
         f"({down_connections} by the time it restarted) and {traffic.long_requests} requests "
         f"on 3 long connections, {len(traffic.failures)} failed; agent log: "
-        f"{log.count('retrying in')} watch retries, {log.count('relisting')} relists"
+        f"{log.count('retrying in')} watch retries, {log.count('relisting')} relists, "
+        f"{log.count('full sync (')} full syncs"
     )
     assert traffic.failures == []
     assert traffic.new_connections > down_connections > 0
     for name, entries in before.items():
         assert entries <= after[name], f"{name}: entries changed: {entries - after[name]}"
     assert len(after["services"]) == len(before["services"]) + 1
-    assert "relisting" not in log and "full resync" not in log
+    assert "relisting" not in log and "full sync (" not in log

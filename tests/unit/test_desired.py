@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebpflb.agent.desired import DesiredState, service_frontends
 from ebpflb.api.v1 import registry_pb2 as pb
-from ebpflb.datapath.programmer import Backend, Frontend
+from ebpflb.datapath.fake import fake_maps
+from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.objects import from_manifest, key_of
 
 pytestmark = pytest.mark.unit
@@ -198,3 +201,71 @@ def test_external_traffic_policy_local_keeps_only_this_nodes_endpoints() -> None
     assert backends([node_port]) == [{("10.0.0.3", 8080)}]
     other = frontends(nodeport(externalTrafficPolicy="Local"), s, node="n3", node_ips=NODE_IPS[:1])
     assert backends(other[1:]) == [set()]
+
+
+def named(obj: pb.Object, name: str, service: str) -> pb.Object:
+    """obj renamed (a slice: relabelled to belong to service)."""
+    out = pb.Object()
+    out.CopyFrom(obj)
+    meta = out.endpoint_slice.metadata if out.HasField("endpoint_slice") else out.service.metadata
+    meta.name = name
+    if out.HasField("endpoint_slice"):
+        meta.labels["kubernetes.io/service-name"] = service
+    return out
+
+
+SERVICES = ("web-0", "web-1", "web-2")
+event_st = st.one_of(
+    st.tuples(
+        st.just("Service"),
+        st.sampled_from(SERVICES),
+        st.none() | st.sampled_from((80, 81)),  # deleted, or its port
+    ),
+    st.tuples(
+        st.just("EndpointSlice"),
+        st.sampled_from(SERVICES),
+        st.none() | st.lists(st.sampled_from(("10.0.0.1", "10.0.0.2", "10.0.0.3")), max_size=3),
+    ),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(event_st, min_size=1, max_size=4), min_size=1, max_size=8))
+def test_changes_applied_as_updates_give_the_maps_of_a_full_sync(
+    bursts: list[list[tuple[str, str, Any]]],
+) -> None:
+    """The agent's incremental path: after each burst of events, changes() into
+    Programmer.update(); the maps then hold what a full sync of the same state writes."""
+    state = DesiredState("n1")
+    maps = fake_maps()
+    programmer = Programmer(maps)
+    programmer.sync(state.by_service(), full=True)
+    for burst in bursts:
+        for kind, name, what in burst:
+            vip = f"10.96.0.{30 + SERVICES.index(name)}"
+            if kind == "Service":
+                obj = (
+                    None
+                    if what is None
+                    else named(
+                        svc(
+                            clusterIP=vip, ports=[{"name": "http", "port": what, "protocol": "TCP"}]
+                        ),
+                        name,
+                        name,
+                    )
+                )
+                key = key_of(named(svc(), name, name))
+            else:
+                endpoints = [ep(ip) for ip in what or []]
+                obj = None if what is None else named(es("s", endpoints, HTTP), f"{name}-a", name)
+                key = key_of(named(es("s", [], HTTP), f"{name}-a", name))
+            state.update(key, obj)
+        programmer.update(state.changes())
+        wanted = sorted(
+            (f for fs in state.by_service().values() for f in fs), key=Frontend.sort_key
+        )
+        assert programmer.dump() == wanted
+    assert state.changes() == {}
+    again = Programmer(maps).sync(state.by_service(), full=True)
+    assert (again.written, again.deleted) == (0, 0)

@@ -1182,6 +1182,7 @@ class WatchRequest(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    ALLOW_BATCHES_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"" = every kind"""
     namespace: _builtins.str
@@ -1190,6 +1191,10 @@ class WatchRequest(_message.Message):
     """"" = send the current state as ADDED events, then a BOOKMARK, then changes.
     A revision = every change after it, in order (OUT_OF_RANGE if compacted).
     """
+    allow_batches: _builtins.bool
+    """The client understands BATCH events: the server may send events that are
+    ready together in one message (a burst costs one message, not one each).
+    """
     def __init__(
         self,
         *,
@@ -1197,10 +1202,11 @@ class WatchRequest(_message.Message):
         namespace: _builtins.str = ...,
         label_selector: _builtins.str = ...,
         resource_version: _builtins.str = ...,
+        allow_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "label_selector", b"label_selector", "namespace", b"namespace", "resource_version", b"resource_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_batches", b"allow_batches", "kind", b"kind", "label_selector", b"label_selector", "namespace", b"namespace", "resource_version", b"resource_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1222,6 +1228,8 @@ class WatchEvent(_message.Message):
         DELETED: WatchEvent._Type.ValueType  # 3
         BOOKMARK: WatchEvent._Type.ValueType  # 4
         """object unset; resource_version only"""
+        BATCH: WatchEvent._Type.ValueType  # 5
+        """only batch set: its events, in order"""
 
     class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
     TYPE_UNSPECIFIED: WatchEvent.Type.ValueType  # 0
@@ -1230,24 +1238,32 @@ class WatchEvent(_message.Message):
     DELETED: WatchEvent.Type.ValueType  # 3
     BOOKMARK: WatchEvent.Type.ValueType  # 4
     """object unset; resource_version only"""
+    BATCH: WatchEvent.Type.ValueType  # 5
+    """only batch set: its events, in order"""
 
     TYPE_FIELD_NUMBER: _builtins.int
     OBJECT_FIELD_NUMBER: _builtins.int
     RESOURCE_VERSION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     type: Global___WatchEvent.Type.ValueType
     resource_version: _builtins.str
     @_builtins.property
     def object(self) -> Global___Object: ...
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchEvent]:
+        """BATCH only; never nested further"""
+
     def __init__(
         self,
         *,
         type: Global___WatchEvent.Type.ValueType = ...,
         object: Global___Object | None = ...,
         resource_version: _builtins.str = ...,
+        batch: _abc.Iterable[Global___WatchEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "resource_version", b"resource_version", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "object", b"object", "resource_version", b"resource_version", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
