@@ -114,8 +114,7 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 		LB_COUNT(c, ct_hits);
 		ct_flow_from_forward(f, p, e);
 		flags = ct_next_flags(f->flags, p, 1);
-		b = lb_backend_in_service(svc->svc_id, e->backend_id);
-		if (b && b->addr == e->addr && b->port == e->port) {
+		if (lb_is_member(svc->svc_id, e->backend_id)) {
 			if (!ct_needs_refresh(e, flags, now))
 				return LB_ACT_NAT;
 			f->flags = flags;
@@ -124,8 +123,7 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 			lb_flow_save(f, now, c);
 			return LB_ACT_NAT;
 		}
-		/* The backend left the service (or its id now names another
-		 * endpoint): move the flow now. TCP: the new backend answers the
+		/* The backend left the service: move the flow now. TCP: the new backend answers the
 		 * next segment with a RST, so the client learns at once. */
 		LB_COUNT(c, reselects);
 		ct_delete_reverse(f);
