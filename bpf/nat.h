@@ -64,13 +64,15 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt
 		d.ports = lb_csum_replace16(d.ports, p->sport, n->sport);
 	if (p->dport != n->dport)
 		d.ports = lb_csum_replace16(d.ports, p->dport, n->dport);
-	if (d.addrs) {
+	/* Written whenever they change: a change can sum to 0 (0xffff to 0 is no change to a
+	 * one's complement sum), which only the checksums may skip. */
+	if (p->saddr != n->saddr || p->daddr != n->daddr) {
 		sum = (__u16)~ip->check;
 		ip->check = lb_csum_finish(sum + d.addrs);
 		ip->saddr = n->saddr;
 		ip->daddr = n->daddr;
 	}
-	if (d.ports) {
+	if (p->sport != n->sport || p->dport != n->dport) {
 		ports[0] = n->sport;
 		ports[1] = n->dport;
 	}
