@@ -51,11 +51,14 @@ static __always_inline int lb_tc_route(struct __sk_buff *skb, const struct lb_pk
 	lb_fib_params(&fib, p, n, skb->ifindex, 0);
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) ||
-		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0)) {
+		struct ethhdr *eth = (void *)(long)skb->data;
+
+		if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
 			LB_COUNT(c, errors);
 			return TC_ACT_SHOT;
 		}
+		__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 		LB_COUNT(c, fib_redirect);
 		return bpf_redirect(fib.ifindex, 0);
 	}

@@ -84,11 +84,14 @@ static __always_inline void lb_flow_set_backend(struct lb_flow *f, const struct 
 	}
 }
 
-/* Remember the flow (both conntrack entries). */
-static __always_inline void lb_flow_save(const struct lb_flow *f, __u64 now, struct lb_counters *c)
+/* Remember the flow (both conntrack entries). Returns 0 if both were written. */
+static __always_inline int lb_flow_save(const struct lb_flow *f, __u64 now, struct lb_counters *c)
 {
-	if (ct_write(f, now))
+	if (ct_write(f, now)) {
 		LB_COUNT(c, errors); /* forwarded anyway: its replies will not be reverse-NATed */
+		return -1;
+	}
+	return 0;
 }
 
 /* The flow of a client's packet: its conntrack entry if usable (moved at once
@@ -111,8 +114,7 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 		LB_COUNT(c, ct_hits);
 		ct_flow_from_forward(f, p, e);
 		flags = ct_next_flags(f->flags, p, 1);
-		b = lb_backend_in_service(svc->svc_id, e->backend_id);
-		if (b && b->addr == e->addr && b->port == e->port) {
+		if (lb_is_member(svc->svc_id, e->backend_id)) {
 			if (!ct_needs_refresh(e, flags, now))
 				return LB_ACT_NAT;
 			f->flags = flags;
@@ -121,13 +123,14 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 			lb_flow_save(f, now, c);
 			return LB_ACT_NAT;
 		}
-		/* The backend left the service (or its id now names another
-		 * endpoint): move the flow now. TCP: the new backend answers the
+		/* The backend left the service: move the flow now. TCP: the new backend answers the
 		 * next segment with a RST, so the client learns at once. */
 		LB_COUNT(c, reselects);
 		ct_delete_reverse(f);
 	} else {
 		LB_COUNT(c, ct_misses);
+		if (!e && p->proto == IPPROTO_TCP && !(p->tcp_flags & LB_TCP_SYN))
+			LB_COUNT(c, ct_lost); /* mid-flow: its entry was evicted or collected */
 		if (e) {
 			/* A dead entry is replaced: its reply entry goes too. */
 			struct lb_flow old = {};
@@ -149,7 +152,8 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 			return LB_ACT_DROP;
 		}
 	}
-	lb_flow_save(f, now, c);
+	if (!lb_flow_save(f, now, c))
+		LB_COUNT(c, ct_created);
 	return LB_ACT_NAT;
 }
 

@@ -39,13 +39,23 @@ static __always_inline int lb_backend_is_local(const struct lb_backend_value *b)
 	return b->flags & LB_BE_F_LOCAL;
 }
 
+/* The backend still belongs to the service. That also says it still exists, with the
+ * address it had when a flow was pinned to it: the agent writes a backend before its
+ * memberships and deletes it after them, and never gives its id to another endpoint
+ * (ids come from the pinned id_state and are never reused). So a known flow needs this
+ * one lookup, not the backend's. */
+static __always_inline int lb_is_member(__u32 svc_id, __u32 backend_id)
+{
+	struct lb_member_key mk = { .svc_id = svc_id, .backend_id = backend_id };
+
+	return service_members.lookup(&mk) != NULL;
+}
+
 /* The backend if it still exists and still belongs to the service, else NULL. */
 static __always_inline struct lb_backend_value *lb_backend_in_service(__u32 svc_id,
 								      __u32 backend_id)
 {
-	struct lb_member_key mk = { .svc_id = svc_id, .backend_id = backend_id };
-
-	if (!service_members.lookup(&mk))
+	if (!lb_is_member(svc_id, backend_id))
 		return NULL;
 	return backends.lookup(&backend_id);
 }

@@ -130,6 +130,10 @@ struct lb_counters {
 	__u64 fib_redirect;	  /* packets routed by the program, neighbour known (MACs written) */
 	__u64 fib_redirect_neigh; /* packets routed by tc, neighbour resolved by bpf_redirect_neigh */
 	__u64 fib_fail;		  /* packets the program had to route but the FIB refused: dropped */
+	/* conntrack pressure (fill level: ebpflb maps, conntrack.fill()) */
+	__u64 ct_created; /* flows balanced anew and written (both entries): new, expired, moved */
+	__u64 ct_lost;	  /* TCP packets without SYN to a frontend that found no forward entry:
+			   * flows that lost it (LRU eviction of a full map, or collected) */
 };
 
 /* node_config: this node's settings, written by the agent (one entry). */

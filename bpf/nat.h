@@ -1,6 +1,7 @@
-/* tc: rewriting addresses and ports in place through helpers, keeping the
- * IP and L4 checksums right (incrementally, and the helpers know whether the
- * skb's checksum is partial, so CHECKSUM_PARTIAL GSO skbs stay valid). XDP's
+/* tc: rewriting addresses and ports in place, keeping the IP and L4 checksums
+ * right: direct writes and checksums updated by hand, except the L4 checksum's
+ * update, which goes through a helper because only the skb knows whether that
+ * checksum is partial (CHECKSUM_PARTIAL GSO skbs must stay valid). XDP's
  * counterpart is in xdp.h.
  */
 #ifndef LB_NAT_H
@@ -10,47 +11,74 @@
 #include <linux/ip.h>
 
 #include "csum.h"
+#include "flow.h"
 #include "parse.h"
 
-/* Replace the IPv4 address at ip_field (offsetof in struct iphdr). An address
- * is in the TCP/UDP pseudo header: BPF_F_PSEUDO_HDR makes the helper update a
- * partial (pseudo-header only) checksum as well as a full one. */
-static __always_inline int lb_rewrite_addr(struct __sk_buff *skb, const struct lb_pkt *p,
-					   __u32 ip_field, __be32 from, __be32 to)
+/* The changed words of the rewrite, summed for an incremental checksum update (RFC 1624
+ * eqn. 3: ~m + m' for every changed field; lb_csum_replace* in csum.h). */
+struct lb_csum_diff {
+	__u64 addrs; /* the addresses: in the IP header and in the TCP/UDP pseudo header */
+	__u64 ports; /* the ports: in the TCP/UDP header only */
+};
+
+/* Apply one part of the L4 checksum's change through the helper, which alone knows the
+ * skb's checksum state: a partial checksum (CHECKSUM_PARTIAL: the field holds the pseudo
+ * header's sum) takes the change only with BPF_F_PSEUDO_HDR (the device sums the new
+ * ports itself), a full one takes both, and CHECKSUM_COMPLETE's skb->csum follows the
+ * pseudo header's part. Size 0: "to" is the folded difference itself. */
+static __always_inline int lb_l4_csum_diff(struct __sk_buff *skb, const struct lb_pkt *p,
+					   __u64 diff, __u64 flags)
 {
-	if (from == to)
+	if (!diff)
 		return 0;
-	if (bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to,
-				BPF_F_PSEUDO_HDR | lb_l4_csum_flags(p) | sizeof(to)))
-		return -1;
-	if (bpf_l3_csum_replace(skb, LB_L3_OFF + offsetof(struct iphdr, check), from, to, sizeof(to)))
-		return -1;
-	return bpf_skb_store_bytes(skb, LB_L3_OFF + ip_field, &to, sizeof(to), 0);
+	return bpf_l4_csum_replace(skb, lb_l4_csum_off(p), 0, lb_csum_fold16(diff),
+				   flags | lb_l4_csum_flags(p));
 }
 
-/* Replace the port at l4_field (0: source, 2: destination). Ports are not in
- * the pseudo header: no BPF_F_PSEUDO_HDR, so a partial checksum is left
- * alone (the device sums the new port itself). */
-static __always_inline int lb_rewrite_port(struct __sk_buff *skb, const struct lb_pkt *p,
-					   __u32 l4_field, __be16 from, __be16 to)
+/* Rewrite the packet's 4-tuple to n's, in place: the addresses, the IP checksum and the
+ * ports written directly (the headers are in the linear part: lb_parse pulled them),
+ * then the L4 checksum by at most two helper calls (addresses, ports), which may move
+ * the packet and come last. Fields that do not change are not touched. Returns 0 or -1. */
+static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt *p,
+				      const struct lb_nat *n)
 {
-	if (from == to)
-		return 0;
-	if (bpf_l4_csum_replace(skb, lb_l4_csum_off(p), from, to, lb_l4_csum_flags(p) | sizeof(to)))
-		return -1;
-	return bpf_skb_store_bytes(skb, p->l4_off + l4_field, &to, sizeof(to), 0);
-}
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + LB_L3_OFF;
+	struct lb_csum_diff d = {};
+	__u32 l4_off = p->l4_off;
+	__be16 *ports;
+	__u64 sum;
 
-/* Rewrite the packet's 4-tuple to (saddr, daddr, sport, dport); fields that
- * do not change are not touched. Returns 0 or a negative error. */
-static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt *p, __be32 saddr,
-				      __be32 daddr, __be16 sport, __be16 dport)
-{
-	if (lb_rewrite_addr(skb, p, offsetof(struct iphdr, saddr), p->saddr, saddr) ||
-	    lb_rewrite_addr(skb, p, offsetof(struct iphdr, daddr), p->daddr, daddr) ||
-	    lb_rewrite_port(skb, p, 0, p->sport, sport) || lb_rewrite_port(skb, p, 2, p->dport, dport))
+	if ((void *)(ip + 1) > end || l4_off > LB_L3_OFF + 60)
 		return -1;
-	return 0;
+	ports = data + l4_off;
+	if ((void *)(ports + 2) > end)
+		return -1;
+
+	if (p->saddr != n->saddr)
+		d.addrs = lb_csum_replace32(d.addrs, p->saddr, n->saddr);
+	if (p->daddr != n->daddr)
+		d.addrs = lb_csum_replace32(d.addrs, p->daddr, n->daddr);
+	if (p->sport != n->sport)
+		d.ports = lb_csum_replace16(d.ports, p->sport, n->sport);
+	if (p->dport != n->dport)
+		d.ports = lb_csum_replace16(d.ports, p->dport, n->dport);
+	/* Written whenever they change: a change can sum to 0 (0xffff to 0 is no change to a
+	 * one's complement sum), which only the checksums may skip. */
+	if (p->saddr != n->saddr || p->daddr != n->daddr) {
+		sum = (__u16)~ip->check;
+		ip->check = lb_csum_finish(sum + d.addrs);
+		ip->saddr = n->saddr;
+		ip->daddr = n->daddr;
+	}
+	if (p->sport != n->sport || p->dport != n->dport) {
+		ports[0] = n->sport;
+		ports[1] = n->dport;
+	}
+	if (lb_l4_csum_diff(skb, p, d.addrs, BPF_F_PSEUDO_HDR))
+		return -1;
+	return lb_l4_csum_diff(skb, p, d.ports, 0);
 }
 
 /* Swap the Ethernet addresses, to send a frame back where it came from. */

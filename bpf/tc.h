@@ -32,7 +32,7 @@ static __always_inline int lb_bounce(struct __sk_buff *skb, struct lb_counters *
 static __always_inline int lb_tc_nat(struct __sk_buff *skb, const struct lb_pkt *p,
 				     const struct lb_nat *n, struct lb_counters *c)
 {
-	if (lb_rewrite(skb, p, n->saddr, n->daddr, n->sport, n->dport)) {
+	if (lb_rewrite(skb, p, n)) {
 		LB_COUNT(c, errors);
 		return TC_ACT_SHOT;
 	}

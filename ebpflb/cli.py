@@ -646,6 +646,7 @@ def _maps_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_maps(args: argparse.Namespace) -> int:
     """What the datapath holds, read from the pinned maps (no registry needed)."""
     from ebpflb.agent.agent import DEFAULT_PIN_ROOT
+    from ebpflb.datapath import conntrack
     from ebpflb.datapath.maps import LbMaps
     from ebpflb.datapath.programmer import Programmer
 
@@ -664,6 +665,7 @@ def cmd_maps(args: argparse.Namespace) -> int:
         print()
         counters = maps.counter_totals()
         print("   ".join(f"{k}={v}" for k, v in counters.items()))
+        print(conntrack.fill(maps))
     finally:
         maps.close()
     return 0

@@ -48,12 +48,27 @@ def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: int = 0x10) -> 
     return eth + ip + tcp
 
 
-def _avg(fd: int, frame: bytes, repeat: int, xdp: bool = False) -> float:
-    return float(testrun.run(fd, frame, repeat, xdp=xdp)[2])
+ROUNDS = 7
 
 
-def _median_single(fd: int, frames: list[bytes]) -> float:
-    return statistics.median(testrun.run(fd, f, 1)[2] for f in frames)
+def _cost(fd: int, empty_fd: int, frame: bytes, repeat: int, xdp: bool = False) -> float:
+    """ns per packet of the program on frame minus the empty program's: the median of
+    ROUNDS rounds, each the empty program then this one on repeat / ROUNDS packets, so that
+    a burst of other work on the machine spoils a round, not the figure."""
+    n = max(repeat // ROUNDS, 1)
+    diffs = []
+    for _ in range(ROUNDS):
+        empty = testrun.run(empty_fd, frame, n, xdp=xdp)[2]
+        diffs.append(testrun.run(fd, frame, n, xdp=xdp)[2] - empty)
+    return float(statistics.median(diffs))
+
+
+def _cost_single(fd: int, empty_fd: int, frames: list[bytes]) -> float:
+    """Median over frames of one run each (a new flow per frame), minus the empty program's
+    run on the same frame just before."""
+    return float(
+        statistics.median(testrun.run(fd, f, 1)[2] - testrun.run(empty_fd, f, 1)[2] for f in frames)
+    )
 
 
 def measure(
@@ -89,28 +104,25 @@ def measure(
     testrun.run(ext_tc_fd, tcp_frame(EXTERNAL, NODE_IP, 40000, 30080, 0x02), 1)
     testrun.run(ext_tc_fd, tcp_frame(EXTERNAL, BACKEND, 40000, 8081, 0x02), 1)
     nodeport = tcp_frame(EXTERNAL, NODE_IP, 40000, 30080)
-    empty_xdp = _avg(empty_xdp_fd, nodeport, repeat, xdp=True)
-
-    empty_avg = _avg(empty_fd, tcp_frame(CLIENT, OTHER, 40000, 80), repeat)
     misses = [tcp_frame(CLIENT, VIP, 20000 + i, 80, 0x02) for i in range(2000)]
-    empty_single = _median_single(empty_fd, misses)
-    raw = {
-        "empty program": empty_avg,
-        "no service": _avg(fd, tcp_frame(CLIENT, OTHER, 40000, 80), repeat),
-        "conntrack hit": _avg(fd, tcp_frame(CLIENT, VIP, 40000, 80), repeat),
-        "conntrack hit, nothing to rewrite": _avg(fd, tcp_frame(CLIENT, VIP, 40000, 81), repeat),
-        "reverse NAT": _avg(fd, tcp_frame(BACKEND, CLIENT, 8080, 40000), repeat),
+    paths = {
+        "no service": tcp_frame(CLIENT, OTHER, 40000, 80),
+        "conntrack hit": tcp_frame(CLIENT, VIP, 40000, 80),
+        "conntrack hit, nothing to rewrite": tcp_frame(CLIENT, VIP, 40000, 81),
+        "reverse NAT": tcp_frame(BACKEND, CLIENT, 8080, 40000),
     }
-    result = {k: v - empty_avg for k, v in raw.items() if k != "empty program"}
-    result["NodePort DNAT, conntrack hit (tc)"] = _avg(ext_tc_fd, nodeport, repeat) - empty_avg
-    result["NodePort DNAT, conntrack hit (XDP)"] = (
-        _avg(xdp_fd, nodeport, repeat, xdp=True) - empty_xdp
+    result = {name: _cost(fd, empty_fd, frame, repeat) for name, frame in paths.items()}
+    result["NodePort DNAT, conntrack hit (tc)"] = _cost(ext_tc_fd, empty_fd, nodeport, repeat)
+    result["NodePort DNAT, conntrack hit (XDP)"] = _cost(
+        xdp_fd, empty_xdp_fd, nodeport, repeat, xdp=True
     )
-    result["no NodePort (XDP)"] = (
-        _avg(xdp_fd, tcp_frame(EXTERNAL, OTHER, 40000, 80), repeat, xdp=True) - empty_xdp
+    result["no NodePort (XDP)"] = _cost(
+        xdp_fd, empty_xdp_fd, tcp_frame(EXTERNAL, OTHER, 40000, 80), repeat, xdp=True
     )
-    result["conntrack miss (new flow)"] = _median_single(fd, misses) - empty_single
-    result["empty program (absolute)"] = empty_avg
+    result["conntrack miss (new flow)"] = _cost_single(fd, empty_fd, misses)
+    result["empty program (absolute)"] = float(
+        testrun.run(empty_fd, paths["no service"], repeat)[2]
+    )
     return result
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ebpflb.datapath.maps import LbMaps
+from ebpflb.datapath import _libbpf
+from ebpflb.datapath.maps import BpfMap, LbMaps
 from ebpflb.datapath.structs import (
     CT_F_CLOSING,
     CT_F_ESTABLISHED,
@@ -76,6 +77,38 @@ def collect(maps: LbMaps, now: int | None = None) -> GcStats:
         if idle and maps.affinity.delete(AffinityKey(svc_id, client)):
             aff_deleted += 1
     return GcStats(len(rows), ct_deleted, len(aff_rows), aff_deleted)
+
+
+@dataclass(frozen=True)
+class CtFill:
+    """How full the conntrack map is. When it is full, every new flow evicts the least
+    recently used entry (the counters' ct_lost says how many flows then lost theirs)."""
+
+    entries: int
+    capacity: int  # max_entries (DatapathConfig.max_conntrack); 0 if unknown
+    expired: int  # of the entries: expired, not yet collected
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.entries / self.capacity if self.capacity else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"conntrack: {self.entries}/{self.capacity} entries ({self.percent:.1f}%), "
+            f"{self.expired} expired"
+        )
+
+
+def fill(maps: LbMaps, now: int | None = None) -> CtFill:
+    """Count the conntrack entries (one batched walk of the map) against its capacity."""
+    t = now_ns() if now is None else now
+    rows = maps.conntrack.rows()
+    expired = sum(
+        max(t - last_seen, 0) > lifetime * NSEC_PER_SEC for _, (last_seen, lifetime, *_) in rows
+    )
+    ct = maps.conntrack
+    capacity = _libbpf.map_info(ct.fd).max_entries if isinstance(ct, BpfMap) else 0
+    return CtFill(len(rows), capacity, expired)
 
 
 @dataclass(frozen=True)

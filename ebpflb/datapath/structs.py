@@ -201,6 +201,8 @@ COUNTER_FIELDS = (
     "fib_redirect",
     "fib_redirect_neigh",
     "fib_fail",
+    "ct_created",
+    "ct_lost",
 )
 
 

@@ -15,6 +15,7 @@ from ebpflb.datapath.structs import (
     U32,
     AffinityKey,
     AffinityValue,
+    MemberKey,
     SlotKey,
     ip_to_be32,
 )
@@ -83,8 +84,10 @@ def test_backend_left_this_service_but_serves_another(lab: Lab) -> None:
     assert lab.counters()["reselects"] == 1
 
 
-def test_backend_gone_from_backends_map(lab: Lab) -> None:
-    """The datapath checks the backend exists, not only that it is a member."""
+def test_known_flow_trusts_the_membership_alone(lab: Lab) -> None:
+    """A known flow costs one lookup (its membership): a membership stands for its backend,
+    which the agent deletes only after the memberships (and whose id it never gives to
+    another endpoint). The flow moves when the membership goes."""
     lab.sync(svc(B0, B1))
     sport = next(
         s for s in range(40000, 40100) if P.flow_hash(P.CLIENT, P.VIP, s, 80, IPPROTO_TCP) % 2 == 0
@@ -96,7 +99,10 @@ def test_backend_gone_from_backends_map(lab: Lab) -> None:
     assert b0 is not None and b1 is not None
     svc_id = lab.programmer.service_id(P.VIP, 80, "TCP")
     m.service_backends.update(SlotKey(svc_id, 0), U32(b1))  # keep selection off B0
-    m.backends.delete(U32(b0))
+    m.backends.delete(U32(b0))  # by hand: the agent never leaves a member without a backend
+    _, out = lab.run(P.tcp(sport=sport, flags="A"))
+    assert P.dst(out)[0] == B0
+    m.service_members.delete(MemberKey(svc_id, b0))
     _, out = lab.run(P.tcp(sport=sport, flags="A"))
     assert P.dst(out)[0] == B1
     assert lab.counters()["reselects"] == 1

@@ -291,6 +291,22 @@ def test_reply_of_a_snat_flow_goes_back_to_the_client(  # type: ignore[no-untype
     assert path_counts(ext.lab, hook) == (2, 0, 0)
 
 
+def test_a_port_change_that_sums_to_nothing_is_still_written(ext: Ext) -> None:
+    """SNAT port 65535 back to client port 0, nothing else in the ports changing: the
+    checksum difference is 0 (0xffff and 0 are one's complement's two zeros), the port
+    must still be rewritten."""
+    ext.lab.sync(Frontend(NODE_IP, 30081, "TCP", (Backend(REMOTE, 30081),), nodeport=True))
+    ext.lab.dp.set_node([NODE_IP], snat_ports=(65535, 65535))
+    ext.run("tc", tcp_in(30081, sport=0))
+    assert ext.snat_port(sport=0) == 65535
+    reply = P.with_macs(P.tcp(REMOTE, NODE_IP, 30081, 65535, "SA"), NODE1_MAC, ETH0_MAC)
+    verdict, out = ext.run("tc", reply)
+    assert verdict == SENT["tc"]
+    want = P.tcp(NODE_IP, CLIENT, 30081, 0, "SA")
+    P.assert_frame(out, P.with_macs(want, ETH0_MAC, CLIENT_MAC))
+    P.check_checksums(out)
+
+
 # (id, client's frame, the local backend's reply, what the client must get)
 LOCAL_REPLY_CASES = [
     (
