@@ -3,6 +3,7 @@ programs replace the old on every attachment; a failed migration changes nothing
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ebpflb.datapath import _libbpf
-from ebpflb.datapath.layout import LAYOUT_PIN, StructLayout, read_pinned
+from ebpflb.datapath.layout import LAYOUT_PIN, LAYOUT_V0, StructLayout, read_pinned
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins, staging_dir
 from ebpflb.datapath.migrate import converter
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
@@ -97,6 +98,45 @@ def tc_prog_id(n: netns.Node, ifname: str, hook: str) -> int:
     return int(f["options"]["prog"]["id"])
 
 
+def as_format_0(pin_dir: Path) -> None:
+    """Make pins look as the code before the layout pin left them: no layout pin, and every
+    per-CPU map whose value has grown since (fields added at the end: the counters) replaced
+    by one of format 0's value size holding each CPU's leading bytes."""
+    (pin_dir / LAYOUT_PIN).unlink()
+    for name, (_, value) in LAYOUT_V0.items():
+        path = pin_dir / name
+        fd = _libbpf.obj_get(str(path))
+        try:
+            info = _libbpf.map_info(fd)
+            size = StructLayout.from_json(value).size
+            if info.value_size == size:
+                continue
+            assert info.type == _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY and info.value_size > size
+            ncpus = _libbpf.possible_cpus()
+            old_stride, new_stride = (info.value_size + 7) // 8 * 8, (size + 7) // 8 * 8
+            new_fd = _libbpf.map_create(info.type, name, 4, size, info.max_entries)
+            try:
+                for index in range(info.max_entries):
+                    key = ctypes.c_uint32(index)
+                    buf = ctypes.create_string_buffer(old_stride * ncpus)
+                    _libbpf.check(
+                        _libbpf.lib().bpf_map_lookup_elem(fd, ctypes.byref(key), buf), "lookup"
+                    )
+                    out = b"".join(
+                        buf.raw[i * old_stride : i * old_stride + size].ljust(new_stride, b"\0")
+                        for i in range(ncpus)
+                    )
+                    _libbpf.check(
+                        _libbpf.lib().bpf_map_update_elem(new_fd, ctypes.byref(key), out, 0),
+                        "update",
+                    )
+                _libbpf.pin_replace(new_fd, path)
+            finally:
+                os.close(new_fd)
+        finally:
+            os.close(fd)
+
+
 def test_bigger_maps_from_format_0_pins_keep_flows_and_swap_every_attachment(
     pin_dir: Path,
 ) -> None:
@@ -116,7 +156,7 @@ def test_bigger_maps_from_format_0_pins_keep_flows_and_swap_every_attachment(
             entries = len(old.maps.conntrack.items())
         finally:
             old.close()
-        (pin_dir / LAYOUT_PIN).unlink()  # format 0
+        as_format_0(pin_dir)
         bigger = replace(TEST_CONFIG, max_conntrack=TEST_CONFIG.max_conntrack * 2)
         with netns.inside(n.ns):
             new = Datapath(pin_dir, bigger)
@@ -151,7 +191,7 @@ def test_format_0_pins_of_the_same_layout_are_adopted(pin_dir: Path) -> None:
         ids = {name: map_id(pin_dir / name) for name in old.layout}
     finally:
         old.close()
-    (pin_dir / LAYOUT_PIN).unlink()
+    as_format_0(pin_dir)
     v0 = read_pinned(pin_dir)
     new = Datapath(pin_dir, TEST_CONFIG)
     try:
