@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,18 +24,20 @@ from ebpflb.objects import (
     KINDS,
     SERVICE_NAME_LABEL,
     Key,
+    int_or_string,
     key_of,
     kind_of,
     message_of,
-    wrap,
 )
 from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
 from ebpflb.registry.endpoints import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PodEndpoint,
-    compute_slices,
+    SliceShape,
+    named_slice,
     pod_endpoint,
+    slice_shapes,
 )
 from ebpflb.registry.store import (
     ADDED,
@@ -93,16 +95,26 @@ def _now() -> Timestamp:
     return ts
 
 
-def _spec_equal(a: pb.Object, b: pb.Object) -> bool:
-    """Equal but for the fields the registry sets on every write."""
-    a2, b2 = pb.Object(), pb.Object()
-    a2.CopyFrom(a)
-    b2.CopyFrom(b)
-    for o in (a2, b2):
-        meta = message_of(o).metadata
-        meta.resource_version = ""
-        meta.generation = 0
-    return a2 == b2
+def _spec_equal(stored: pb.Object, new: pb.Object) -> bool:
+    """Equal but for the fields the registry sets on every write. new's are set to
+    stored's for the comparison, then back (no copies; stored, which readers may
+    hold, is not changed)."""
+    s, n = message_of(stored).metadata, message_of(new).metadata
+    version, generation = n.resource_version, n.generation
+    n.resource_version, n.generation = s.resource_version, s.generation
+    try:
+        return stored == new
+    finally:
+        n.resource_version, n.generation = version, generation
+
+
+def _uid() -> str:
+    """A random (version 4) UUID as text: uuid.uuid4(), without its object."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
@@ -111,6 +123,7 @@ class _Txn:
     events: list[Event] = field(default_factory=list)
     start_revision: int = 0
     touched_services: set[Key] = field(default_factory=set)
+    now: int = 0  # the creation time of what it creates (seconds)
 
 
 Matcher = Callable[[Key, pb.Object], bool]
@@ -309,7 +322,7 @@ class Registry:
         return [self._objects[k].pod for k in keys]
 
     def _begin(self) -> _Txn:
-        return _Txn(start_revision=self._revision)
+        return _Txn(start_revision=self._revision, now=int(time.time()))
 
     def _rollback(self, txn: _Txn) -> None:
         for key, old in reversed(txn.undo):
@@ -412,8 +425,10 @@ class Registry:
         """Recompute the managed EndpointSlices of every Service the transaction touched;
         write only those that changed."""
         # Writing slices touches no Service, so the set is complete here; nor a Pod, so
-        # each Pod's endpoint is built once for all the Services that select it.
+        # each Pod's endpoint is built once for all the Services that select it, and
+        # the slices' shapes once for all the Services with the same ports and selector.
         endpoints: dict[int, tuple[pb.Pod, PodEndpoint | None]] = {}  # by id(); holds the pod
+        shapes: dict[tuple[object, ...], list[SliceShape]] = {}
 
         def endpoint(pod: pb.Pod) -> PodEndpoint | None:
             hit = endpoints.get(id(pod))
@@ -423,37 +438,48 @@ class Registry:
 
         for skey in sorted(txn.touched_services):
             svc_obj = self._objects.get(skey)
-            desired: list[pb.EndpointSlice] = []
+            desired: list[tuple[Key, pb.Object]] = []
             if svc_obj is not None:
                 svc = svc_obj.service
-                pods = self._pods_selected(skey.namespace, dict(svc.spec.selector))
-                desired = compute_slices(svc, pods, endpoint)
+                selector = tuple(sorted(svc.spec.selector.items()))
+                ports = tuple(
+                    (p.name, p.protocol, p.port, int_or_string(p.target_port))
+                    for p in svc.spec.ports
+                )
+                shape = shapes.get((skey.namespace, selector, ports))
+                if shape is None:
+                    pods = self._pods_selected(skey.namespace, dict(selector))
+                    shape = slice_shapes(svc, pods, endpoint)
+                    shapes[skey.namespace, selector, ports] = shape
+                for sh in shape:
+                    new = pb.Object()
+                    es = named_slice(svc, sh, new.endpoint_slice)
+                    desired.append((Key("EndpointSlice", skey.namespace, es.metadata.name), new))
             existing = {
                 k: self._objects[k]
-                for k in self._slices_of.get((skey.namespace, skey.name), set())
+                for k in self._slices_of.get((skey.namespace, skey.name), ())
                 if self._objects[k].endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL)
                 == MANAGED_BY
             }
-            for es in desired:
-                new = wrap(es)
-                k = key_of(new)
+            for k, new in desired:
                 old = existing.pop(k, None)
                 if old is not None:
                     self._carry_meta(old, new)
                     if _spec_equal(old, new):
                         continue
                 else:
-                    self._new_meta(new)
+                    self._new_meta(txn, new)
                 self._put(txn, k, new)
             for k in existing:
                 self._put(txn, k, None)
 
     # ------------------------------------------------------------ writes
 
-    def _new_meta(self, obj: pb.Object) -> None:
+    @staticmethod
+    def _new_meta(txn: _Txn, obj: pb.Object) -> None:
         meta = message_of(obj).metadata
-        meta.uid = str(uuid.uuid4())
-        meta.creation_timestamp.CopyFrom(_now())
+        meta.uid = _uid()
+        meta.creation_timestamp.seconds = txn.now
         meta.generation = 1
 
     @staticmethod
@@ -537,7 +563,7 @@ class Registry:
             stored = self._put(txn, key, obj)
             assert stored is not None
             return stored, "configured"
-        self._new_meta(obj)
+        self._new_meta(txn, obj)
         stored = self._put(txn, key, obj)
         assert stored is not None
         return stored, "created"
