@@ -108,6 +108,11 @@ def _spec_equal(stored: pb.Object, new: pb.Object) -> bool:
         n.resource_version, n.generation = version, generation
 
 
+def _what(obj: pb.Object) -> str:
+    """An object as error messages name it: Service "web"."""
+    return f"{kind_of(obj).name} {go_quote(message_of(obj).metadata.name)}"
+
+
 def _uid() -> str:
     """A random (version 4) UUID as text: uuid.uuid4(), without its object."""
     b = bytearray(os.urandom(16))
@@ -157,7 +162,8 @@ def _retried(
     return retry
 
 
-WatchItem = tuple[int, pb.Object | None, int]  # (event type, object, revision)
+# (event type, object, revision, the object serialized: b"" when not at hand)
+WatchItem = tuple[int, pb.Object | None, int, bytes]
 WatchBatch = list[WatchItem]
 
 
@@ -280,12 +286,13 @@ class Registry:
         rev = self._revision
         if obj is None:
             assert old is not None
-            txn.events.append(Event(rev, DELETED, key, old))
+            txn.events.append(Event(rev, DELETED, key, old, old.SerializeToString()))
             self._touch(txn, key, old)
             return None
         message_of(obj).metadata.resource_version = str(rev)
         self._index(key, obj, add=True)
-        txn.events.append(Event(rev, ADDED if old is None else MODIFIED, key, obj))
+        typ = ADDED if old is None else MODIFIED
+        txn.events.append(Event(rev, typ, key, obj, obj.SerializeToString()))
         self._touch(txn, key, old)
         self._touch(txn, key, obj)
         return obj
@@ -532,7 +539,6 @@ class Registry:
         msg = message_of(obj)
         key = key_of(obj)
         old = self._objects.get(key)
-        what = f"{kind} {go_quote(msg.metadata.name)}"
         managed = (
             old is not None
             and kind == "EndpointSlice"
@@ -543,7 +549,7 @@ class Registry:
         ):
             raise RegistryError(
                 Reason.INVALID,
-                f"{what} is invalid: metadata.labels: Forbidden: "
+                f"{_what(obj)} is invalid: metadata.labels: Forbidden: "
                 f"slices labelled {MANAGED_BY_LABEL}={MANAGED_BY} are the registry's own",
             )
         if kind == "Service" and old is not None:
@@ -552,9 +558,9 @@ class Registry:
         errors = validate(obj, old)
         if errors:
             detail = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
-            raise RegistryError(Reason.INVALID, f"{what} is invalid: {detail}")
+            raise RegistryError(Reason.INVALID, f"{_what(obj)} is invalid: {detail}")
         if kind == "Service":
-            self._allocate(key, obj.service, what)
+            self._allocate(key, obj)
         if old is not None:
             self._carry_meta(old, obj)
             if _spec_equal(old, obj):
@@ -587,15 +593,17 @@ class Registry:
             if not new.spec.health_check_node_port and new.spec.external_traffic_policy == "Local":
                 new.spec.health_check_node_port = old.spec.health_check_node_port
 
-    def _allocate(self, key: Key, svc: pb.Service, what: str) -> None:
-        """Give svc a clusterIP and nodePorts, honouring the ones it asks for."""
-        spec = svc.spec
+    def _allocate(self, key: Key, obj: pb.Object) -> None:
+        """Give the Service a clusterIP and nodePorts, honouring the ones it asks for."""
+        spec = obj.service.spec
 
         def invalid(
             path: str, value: object, detail: str, reason: Reason = Reason.INVALID
         ) -> RegistryError:
             v = f'"{value}"' if isinstance(value, str) else str(value)
-            return RegistryError(reason, f"{what} is invalid: {path}: Invalid value: {v}: {detail}")
+            return RegistryError(
+                reason, f"{_what(obj)} is invalid: {path}: Invalid value: {v}: {detail}"
+            )
 
         if spec.cluster_ip == "":
             try:
@@ -605,8 +613,8 @@ class Registry:
             except AllocationError:
                 raise RegistryError(
                     Reason.INVALID,
-                    f"{what} is invalid: spec.clusterIP: Internal error: failed to allocate a "
-                    f"service IP: range {self.service_range} is full",
+                    f"{_what(obj)} is invalid: spec.clusterIP: Internal error: failed to "
+                    f"allocate a service IP: range {self.service_range} is full",
                 ) from None
         elif spec.cluster_ip != "None":
             if not self.service_range.contains(spec.cluster_ip):
@@ -657,8 +665,8 @@ class Registry:
             except AllocationError:
                 raise RegistryError(
                     Reason.INVALID,
-                    f"{what} is invalid: {path}: Internal error: failed to allocate a node port: "
-                    f"range {self.node_port_range_text} is full",
+                    f"{_what(obj)} is invalid: {path}: Internal error: failed to allocate a "
+                    f"node port: range {self.node_port_range_text} is full",
                 ) from None
             mine.add(port)
             return port
@@ -775,12 +783,14 @@ class Registry:
         except labels.SelectorError as e:
             raise RegistryError(Reason.INVALID, f"labelSelector: {e}") from None
 
+        everything = sel.selects_everything
+
         def match(key: Key, obj: pb.Object) -> bool:
             if kind and key.kind != kind:
                 return False
             if namespace and key.namespace and key.namespace != namespace:
                 return False
-            return sel.matches(message_of(obj).metadata.labels)
+            return everything or sel.matches(message_of(obj).metadata.labels)
 
         return match
 
@@ -793,6 +803,11 @@ class Registry:
             pool = self._by_kind[kind] if kind else self._objects
             items = [o for k, o in sorted(pool.items()) if match(k, o)]
             return items, self._revision
+
+    def missing(self, keys: Iterable[Key]) -> int:
+        """How many of keys (as key_of gives them) name no stored object."""
+        with self._lock:
+            return sum(1 for k in keys if k not in self._objects)
 
     @property
     def object_count(self) -> int:
@@ -820,7 +835,8 @@ class Registry:
         for batch in self.watch_batches(
             kind, namespace, selector, resource_version, active, bookmark_every
         ):
-            yield from batch
+            for typ, obj, rev, _ in batch:
+                yield typ, obj, rev
 
     def watch_batches(
         self,
@@ -834,7 +850,8 @@ class Registry:
     ) -> Iterator[WatchBatch]:
         """watch()'s events in lists of at most size: each list holds what was ready
         together (a burst of changes, or part of the initial state), so that a caller
-        can send it as one message."""
+        can send it as one message. A change comes with its object serialized as the
+        store got it, so that it is sent without serializing it again."""
         match = self._matcher(kind, namespace, selector)
         with self._lock:
             if resource_version == "":
@@ -852,11 +869,11 @@ class Registry:
                 initial = []
         for i in range(0, len(initial), size):
             yield [
-                (ADDED, obj, int(message_of(obj).metadata.resource_version))
+                (ADDED, obj, int(message_of(obj).metadata.resource_version), b"")
                 for obj in initial[i : i + size]
             ]
         if resource_version == "":
-            yield [(BOOKMARK, None, rev)]
+            yield [(BOOKMARK, None, rev, b"")]
         last_sent = time.monotonic()
         while active():
             with self._lock:
@@ -870,13 +887,15 @@ class Registry:
                 published = self._revision
             if batch:
                 rev = batch[-1].rev
-                out: WatchBatch = [(e.type, e.obj, e.rev) for e in batch if match(e.key, e.obj)]
+                out: WatchBatch = [
+                    (e.type, e.obj, e.rev, e.data) for e in batch if match(e.key, e.obj)
+                ]
                 if out:
                     yield out
                     last_sent = time.monotonic()
             elif time.monotonic() - last_sent >= bookmark_every:
                 rev = max(rev, published)
-                yield [(BOOKMARK, None, rev)]
+                yield [(BOOKMARK, None, rev, b"")]
                 last_sent = time.monotonic()
 
     def _check_resumable(self, rev: int) -> None:

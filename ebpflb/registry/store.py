@@ -28,6 +28,11 @@ class Event:
     type: int  # pb.WatchEvent.Type
     key: Key
     obj: pb.Object
+    data: bytes = b""  # obj serialized, when its writer had it: made once, for store and watch
+
+    def wire(self) -> bytes:
+        """obj serialized."""
+        return self.data or self.obj.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class SqliteStore:
             ):
                 obj = pb.Object()
                 obj.ParseFromString(data)
-                events.append(Event(int(rev), int(typ), _key_from_text(key), obj))
+                events.append(Event(int(rev), int(typ), _key_from_text(key), obj, data))
         return Snapshot(revision, compacted, objects, events)
 
     def commit(self, events: list[Event]) -> None:
@@ -137,10 +142,7 @@ class SqliteStore:
         last = events[-1].rev
         with self._lock:
             try:
-                rows = [
-                    (ev.rev, ev.type, _key_text(ev.key), ev.obj.SerializeToString())
-                    for ev in events
-                ]
+                rows = [(ev.rev, ev.type, _key_text(ev.key), ev.wire()) for ev in events]
                 # Each key's last event decides what the objects table holds.
                 final = {k: (rev, typ, data) for rev, typ, k, data in rows}
                 self._db.execute("BEGIN IMMEDIATE")
