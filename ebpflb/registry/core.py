@@ -82,6 +82,7 @@ class RegistryError(Exception):
 class ApplyResult:
     objects: list[pb.Object]
     results: list[str]  # created | configured | unchanged
+    wire: list[bytes]  # each object serialized as it was stored; b"" when unchanged
 
 
 def resource_name(kind: str) -> str:
@@ -229,27 +230,13 @@ class Registry:
             self._objects.pop(key, None)
             self._by_kind[key.kind].pop(key, None)
 
-        def mark(
-            index: dict[tuple[str, str, str], set[Key]], pairs: Iterable[tuple[str, str]]
-        ) -> None:
-            for k, v in pairs:
-                t = (key.namespace, k, v)
-                if add:
-                    index.setdefault(t, set()).add(key)
-                else:
-                    s = index.get(t)
-                    if s is not None:
-                        s.discard(key)
-                        if not s:
-                            del index[t]
-
         if key.kind == "Pod":
-            mark(self._pod_labels, obj.pod.metadata.labels.items())
+            _mark(self._pod_labels, key, obj.pod.metadata.labels.items(), add)
             if obj.pod.metadata.HasField("deletion_timestamp"):
                 (self._terminating.add if add else self._terminating.discard)(key)
         elif key.kind == "Service":
             spec = obj.service.spec
-            mark(self._svc_selectors, spec.selector.items())
+            _mark(self._svc_selectors, key, spec.selector.items(), add)
             ports = [p.node_port for p in spec.ports if p.node_port]
             if spec.health_check_node_port:
                 ports.append(spec.health_check_node_port)
@@ -511,11 +498,15 @@ class Registry:
             txn = self._begin()
             out: list[pb.Object] = []
             results: list[str] = []
+            wire: list[bytes] = []
             try:
                 for obj in objects:
+                    before = len(txn.events)
                     stored, result = self._apply_one(txn, obj)
                     out.append(stored)
                     results.append(result)
+                    # Its bytes are those of the event it made, if it made one.
+                    wire.append(txn.events[-1].data if len(txn.events) > before else b"")
                 if dry_run:
                     self._sync_endpoints(txn)
                     self._rollback(txn)
@@ -527,7 +518,7 @@ class Registry:
             except Exception:
                 self._rollback(txn)
                 raise
-            return ApplyResult(out, results)
+            return ApplyResult(out, results, wire)
 
     def _apply_one(self, txn: _Txn, given: pb.Object) -> tuple[pb.Object, str]:
         if given.WhichOneof("kind") is None:
@@ -926,6 +917,25 @@ class Registry:
         if self._follower is not None:
             self._follower.join(timeout=3)
         self.store.close()
+
+
+def _mark(
+    index: dict[tuple[str, str, str], set[Key]],
+    key: Key,
+    pairs: Iterable[tuple[str, str]],
+    add: bool,
+) -> None:
+    """Add key to (or remove it from) a label index under each (label, value) of pairs."""
+    for k, v in pairs:
+        t = (key.namespace, k, v)
+        if add:
+            index.setdefault(t, set()).add(key)
+        else:
+            s = index.get(t)
+            if s is not None:
+                s.discard(key)
+                if not s:
+                    del index[t]
 
 
 class _Union:
