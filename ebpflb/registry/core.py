@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,18 +24,20 @@ from ebpflb.objects import (
     KINDS,
     SERVICE_NAME_LABEL,
     Key,
+    int_or_string,
     key_of,
     kind_of,
     message_of,
-    wrap,
 )
 from ebpflb.registry.alloc import AllocationError, IPRange, parse_port_range
 from ebpflb.registry.endpoints import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PodEndpoint,
-    compute_slices,
+    SliceShape,
+    named_slice,
     pod_endpoint,
+    slice_shapes,
 )
 from ebpflb.registry.store import (
     ADDED,
@@ -80,6 +82,7 @@ class RegistryError(Exception):
 class ApplyResult:
     objects: list[pb.Object]
     results: list[str]  # created | configured | unchanged
+    wire: list[bytes]  # each object serialized as it was stored; b"" when unchanged
 
 
 def resource_name(kind: str) -> str:
@@ -93,16 +96,31 @@ def _now() -> Timestamp:
     return ts
 
 
-def _spec_equal(a: pb.Object, b: pb.Object) -> bool:
-    """Equal but for the fields the registry sets on every write."""
-    a2, b2 = pb.Object(), pb.Object()
-    a2.CopyFrom(a)
-    b2.CopyFrom(b)
-    for o in (a2, b2):
-        meta = message_of(o).metadata
-        meta.resource_version = ""
-        meta.generation = 0
-    return a2 == b2
+def _spec_equal(stored: pb.Object, new: pb.Object) -> bool:
+    """Equal but for the fields the registry sets on every write. new's are set to
+    stored's for the comparison, then back (no copies; stored, which readers may
+    hold, is not changed)."""
+    s, n = message_of(stored).metadata, message_of(new).metadata
+    version, generation = n.resource_version, n.generation
+    n.resource_version, n.generation = s.resource_version, s.generation
+    try:
+        return stored == new
+    finally:
+        n.resource_version, n.generation = version, generation
+
+
+def _what(obj: pb.Object) -> str:
+    """An object as error messages name it: Service "web"."""
+    return f"{kind_of(obj).name} {go_quote(message_of(obj).metadata.name)}"
+
+
+def _uid() -> str:
+    """A random (version 4) UUID as text: uuid.uuid4(), without its object."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
@@ -111,6 +129,7 @@ class _Txn:
     events: list[Event] = field(default_factory=list)
     start_revision: int = 0
     touched_services: set[Key] = field(default_factory=set)
+    now: int = 0  # the creation time of what it creates (seconds)
 
 
 Matcher = Callable[[Key, pb.Object], bool]
@@ -144,7 +163,8 @@ def _retried(
     return retry
 
 
-WatchItem = tuple[int, pb.Object | None, int]  # (event type, object, revision)
+# (event type, object, revision, the object serialized: b"" when not at hand)
+WatchItem = tuple[int, pb.Object | None, int, bytes]
 WatchBatch = list[WatchItem]
 
 
@@ -210,27 +230,13 @@ class Registry:
             self._objects.pop(key, None)
             self._by_kind[key.kind].pop(key, None)
 
-        def mark(
-            index: dict[tuple[str, str, str], set[Key]], pairs: Iterable[tuple[str, str]]
-        ) -> None:
-            for k, v in pairs:
-                t = (key.namespace, k, v)
-                if add:
-                    index.setdefault(t, set()).add(key)
-                else:
-                    s = index.get(t)
-                    if s is not None:
-                        s.discard(key)
-                        if not s:
-                            del index[t]
-
         if key.kind == "Pod":
-            mark(self._pod_labels, obj.pod.metadata.labels.items())
+            _mark(self._pod_labels, key, obj.pod.metadata.labels.items(), add)
             if obj.pod.metadata.HasField("deletion_timestamp"):
                 (self._terminating.add if add else self._terminating.discard)(key)
         elif key.kind == "Service":
             spec = obj.service.spec
-            mark(self._svc_selectors, spec.selector.items())
+            _mark(self._svc_selectors, key, spec.selector.items(), add)
             ports = [p.node_port for p in spec.ports if p.node_port]
             if spec.health_check_node_port:
                 ports.append(spec.health_check_node_port)
@@ -267,12 +273,13 @@ class Registry:
         rev = self._revision
         if obj is None:
             assert old is not None
-            txn.events.append(Event(rev, DELETED, key, old))
+            txn.events.append(Event(rev, DELETED, key, old, old.SerializeToString()))
             self._touch(txn, key, old)
             return None
         message_of(obj).metadata.resource_version = str(rev)
         self._index(key, obj, add=True)
-        txn.events.append(Event(rev, ADDED if old is None else MODIFIED, key, obj))
+        typ = ADDED if old is None else MODIFIED
+        txn.events.append(Event(rev, typ, key, obj, obj.SerializeToString()))
         self._touch(txn, key, old)
         self._touch(txn, key, obj)
         return obj
@@ -309,7 +316,7 @@ class Registry:
         return [self._objects[k].pod for k in keys]
 
     def _begin(self) -> _Txn:
-        return _Txn(start_revision=self._revision)
+        return _Txn(start_revision=self._revision, now=int(time.time()))
 
     def _rollback(self, txn: _Txn) -> None:
         for key, old in reversed(txn.undo):
@@ -412,8 +419,10 @@ class Registry:
         """Recompute the managed EndpointSlices of every Service the transaction touched;
         write only those that changed."""
         # Writing slices touches no Service, so the set is complete here; nor a Pod, so
-        # each Pod's endpoint is built once for all the Services that select it.
+        # each Pod's endpoint is built once for all the Services that select it, and
+        # the slices' shapes once for all the Services with the same ports and selector.
         endpoints: dict[int, tuple[pb.Pod, PodEndpoint | None]] = {}  # by id(); holds the pod
+        shapes: dict[tuple[object, ...], list[SliceShape]] = {}
 
         def endpoint(pod: pb.Pod) -> PodEndpoint | None:
             hit = endpoints.get(id(pod))
@@ -423,37 +432,48 @@ class Registry:
 
         for skey in sorted(txn.touched_services):
             svc_obj = self._objects.get(skey)
-            desired: list[pb.EndpointSlice] = []
+            desired: list[tuple[Key, pb.Object]] = []
             if svc_obj is not None:
                 svc = svc_obj.service
-                pods = self._pods_selected(skey.namespace, dict(svc.spec.selector))
-                desired = compute_slices(svc, pods, endpoint)
+                selector = tuple(sorted(svc.spec.selector.items()))
+                ports = tuple(
+                    (p.name, p.protocol, p.port, int_or_string(p.target_port))
+                    for p in svc.spec.ports
+                )
+                shape = shapes.get((skey.namespace, selector, ports))
+                if shape is None:
+                    pods = self._pods_selected(skey.namespace, dict(selector))
+                    shape = slice_shapes(svc, pods, endpoint)
+                    shapes[skey.namespace, selector, ports] = shape
+                for sh in shape:
+                    new = pb.Object()
+                    es = named_slice(svc, sh, new.endpoint_slice)
+                    desired.append((Key("EndpointSlice", skey.namespace, es.metadata.name), new))
             existing = {
                 k: self._objects[k]
-                for k in self._slices_of.get((skey.namespace, skey.name), set())
+                for k in self._slices_of.get((skey.namespace, skey.name), ())
                 if self._objects[k].endpoint_slice.metadata.labels.get(MANAGED_BY_LABEL)
                 == MANAGED_BY
             }
-            for es in desired:
-                new = wrap(es)
-                k = key_of(new)
+            for k, new in desired:
                 old = existing.pop(k, None)
                 if old is not None:
                     self._carry_meta(old, new)
                     if _spec_equal(old, new):
                         continue
                 else:
-                    self._new_meta(new)
+                    self._new_meta(txn, new)
                 self._put(txn, k, new)
             for k in existing:
                 self._put(txn, k, None)
 
     # ------------------------------------------------------------ writes
 
-    def _new_meta(self, obj: pb.Object) -> None:
+    @staticmethod
+    def _new_meta(txn: _Txn, obj: pb.Object) -> None:
         meta = message_of(obj).metadata
-        meta.uid = str(uuid.uuid4())
-        meta.creation_timestamp.CopyFrom(_now())
+        meta.uid = _uid()
+        meta.creation_timestamp.seconds = txn.now
         meta.generation = 1
 
     @staticmethod
@@ -478,11 +498,15 @@ class Registry:
             txn = self._begin()
             out: list[pb.Object] = []
             results: list[str] = []
+            wire: list[bytes] = []
             try:
                 for obj in objects:
+                    before = len(txn.events)
                     stored, result = self._apply_one(txn, obj)
                     out.append(stored)
                     results.append(result)
+                    # Its bytes are those of the event it made, if it made one.
+                    wire.append(txn.events[-1].data if len(txn.events) > before else b"")
                 if dry_run:
                     self._sync_endpoints(txn)
                     self._rollback(txn)
@@ -494,7 +518,7 @@ class Registry:
             except Exception:
                 self._rollback(txn)
                 raise
-            return ApplyResult(out, results)
+            return ApplyResult(out, results, wire)
 
     def _apply_one(self, txn: _Txn, given: pb.Object) -> tuple[pb.Object, str]:
         if given.WhichOneof("kind") is None:
@@ -506,7 +530,6 @@ class Registry:
         msg = message_of(obj)
         key = key_of(obj)
         old = self._objects.get(key)
-        what = f"{kind} {go_quote(msg.metadata.name)}"
         managed = (
             old is not None
             and kind == "EndpointSlice"
@@ -517,7 +540,7 @@ class Registry:
         ):
             raise RegistryError(
                 Reason.INVALID,
-                f"{what} is invalid: metadata.labels: Forbidden: "
+                f"{_what(obj)} is invalid: metadata.labels: Forbidden: "
                 f"slices labelled {MANAGED_BY_LABEL}={MANAGED_BY} are the registry's own",
             )
         if kind == "Service" and old is not None:
@@ -526,9 +549,9 @@ class Registry:
         errors = validate(obj, old)
         if errors:
             detail = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
-            raise RegistryError(Reason.INVALID, f"{what} is invalid: {detail}")
+            raise RegistryError(Reason.INVALID, f"{_what(obj)} is invalid: {detail}")
         if kind == "Service":
-            self._allocate(key, obj.service, what)
+            self._allocate(key, obj)
         if old is not None:
             self._carry_meta(old, obj)
             if _spec_equal(old, obj):
@@ -537,7 +560,7 @@ class Registry:
             stored = self._put(txn, key, obj)
             assert stored is not None
             return stored, "configured"
-        self._new_meta(obj)
+        self._new_meta(txn, obj)
         stored = self._put(txn, key, obj)
         assert stored is not None
         return stored, "created"
@@ -561,15 +584,17 @@ class Registry:
             if not new.spec.health_check_node_port and new.spec.external_traffic_policy == "Local":
                 new.spec.health_check_node_port = old.spec.health_check_node_port
 
-    def _allocate(self, key: Key, svc: pb.Service, what: str) -> None:
-        """Give svc a clusterIP and nodePorts, honouring the ones it asks for."""
-        spec = svc.spec
+    def _allocate(self, key: Key, obj: pb.Object) -> None:
+        """Give the Service a clusterIP and nodePorts, honouring the ones it asks for."""
+        spec = obj.service.spec
 
         def invalid(
             path: str, value: object, detail: str, reason: Reason = Reason.INVALID
         ) -> RegistryError:
             v = f'"{value}"' if isinstance(value, str) else str(value)
-            return RegistryError(reason, f"{what} is invalid: {path}: Invalid value: {v}: {detail}")
+            return RegistryError(
+                reason, f"{_what(obj)} is invalid: {path}: Invalid value: {v}: {detail}"
+            )
 
         if spec.cluster_ip == "":
             try:
@@ -579,8 +604,8 @@ class Registry:
             except AllocationError:
                 raise RegistryError(
                     Reason.INVALID,
-                    f"{what} is invalid: spec.clusterIP: Internal error: failed to allocate a "
-                    f"service IP: range {self.service_range} is full",
+                    f"{_what(obj)} is invalid: spec.clusterIP: Internal error: failed to "
+                    f"allocate a service IP: range {self.service_range} is full",
                 ) from None
         elif spec.cluster_ip != "None":
             if not self.service_range.contains(spec.cluster_ip):
@@ -631,8 +656,8 @@ class Registry:
             except AllocationError:
                 raise RegistryError(
                     Reason.INVALID,
-                    f"{what} is invalid: {path}: Internal error: failed to allocate a node port: "
-                    f"range {self.node_port_range_text} is full",
+                    f"{_what(obj)} is invalid: {path}: Internal error: failed to allocate a "
+                    f"node port: range {self.node_port_range_text} is full",
                 ) from None
             mine.add(port)
             return port
@@ -749,12 +774,14 @@ class Registry:
         except labels.SelectorError as e:
             raise RegistryError(Reason.INVALID, f"labelSelector: {e}") from None
 
+        everything = sel.selects_everything
+
         def match(key: Key, obj: pb.Object) -> bool:
             if kind and key.kind != kind:
                 return False
             if namespace and key.namespace and key.namespace != namespace:
                 return False
-            return sel.matches(message_of(obj).metadata.labels)
+            return everything or sel.matches(message_of(obj).metadata.labels)
 
         return match
 
@@ -767,6 +794,11 @@ class Registry:
             pool = self._by_kind[kind] if kind else self._objects
             items = [o for k, o in sorted(pool.items()) if match(k, o)]
             return items, self._revision
+
+    def missing(self, keys: Iterable[Key]) -> int:
+        """How many of keys (as key_of gives them) name no stored object."""
+        with self._lock:
+            return sum(1 for k in keys if k not in self._objects)
 
     @property
     def object_count(self) -> int:
@@ -794,7 +826,8 @@ class Registry:
         for batch in self.watch_batches(
             kind, namespace, selector, resource_version, active, bookmark_every
         ):
-            yield from batch
+            for typ, obj, rev, _ in batch:
+                yield typ, obj, rev
 
     def watch_batches(
         self,
@@ -808,7 +841,8 @@ class Registry:
     ) -> Iterator[WatchBatch]:
         """watch()'s events in lists of at most size: each list holds what was ready
         together (a burst of changes, or part of the initial state), so that a caller
-        can send it as one message."""
+        can send it as one message. A change comes with its object serialized as the
+        store got it, so that it is sent without serializing it again."""
         match = self._matcher(kind, namespace, selector)
         with self._lock:
             if resource_version == "":
@@ -826,11 +860,11 @@ class Registry:
                 initial = []
         for i in range(0, len(initial), size):
             yield [
-                (ADDED, obj, int(message_of(obj).metadata.resource_version))
+                (ADDED, obj, int(message_of(obj).metadata.resource_version), b"")
                 for obj in initial[i : i + size]
             ]
         if resource_version == "":
-            yield [(BOOKMARK, None, rev)]
+            yield [(BOOKMARK, None, rev, b"")]
         last_sent = time.monotonic()
         while active():
             with self._lock:
@@ -844,13 +878,15 @@ class Registry:
                 published = self._revision
             if batch:
                 rev = batch[-1].rev
-                out: WatchBatch = [(e.type, e.obj, e.rev) for e in batch if match(e.key, e.obj)]
+                out: WatchBatch = [
+                    (e.type, e.obj, e.rev, e.data) for e in batch if match(e.key, e.obj)
+                ]
                 if out:
                     yield out
                     last_sent = time.monotonic()
             elif time.monotonic() - last_sent >= bookmark_every:
                 rev = max(rev, published)
-                yield [(BOOKMARK, None, rev)]
+                yield [(BOOKMARK, None, rev, b"")]
                 last_sent = time.monotonic()
 
     def _check_resumable(self, rev: int) -> None:
@@ -881,6 +917,25 @@ class Registry:
         if self._follower is not None:
             self._follower.join(timeout=3)
         self.store.close()
+
+
+def _mark(
+    index: dict[tuple[str, str, str], set[Key]],
+    key: Key,
+    pairs: Iterable[tuple[str, str]],
+    add: bool,
+) -> None:
+    """Add key to (or remove it from) a label index under each (label, value) of pairs."""
+    for k, v in pairs:
+        t = (key.namespace, k, v)
+        if add:
+            index.setdefault(t, set()).add(key)
+        else:
+            s = index.get(t)
+            if s is not None:
+                s.discard(key)
+                if not s:
+                    del index[t]
 
 
 class _Union:

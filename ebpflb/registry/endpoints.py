@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.objects import KINDS, SERVICE_NAME_LABEL, int_or_string
@@ -54,9 +55,9 @@ def pod_port_set(svc: pb.Service, pod: pb.Pod) -> PortSet:
     return tuple(out)
 
 
-def slice_name(service: str, ports: PortSet) -> str:
-    digest = hashlib.sha1(repr(ports).encode()).hexdigest()[:5]
-    return f"{service}-{digest}"
+def _digest(ports: PortSet) -> str:
+    """What ends the name of a Service's slice of these ports."""
+    return hashlib.sha1(repr(ports).encode()).hexdigest()[:5]
 
 
 # A Pod as an endpoint: its IP and name (the order in a slice) and the Endpoint itself.
@@ -104,6 +105,25 @@ def compute_slices(
     IP, or that have finished, are no endpoints. Sorted, so equal input gives equal
     output and an unchanged slice is never rewritten. endpoint: pod_endpoint, or a
     cache of it (a transaction builds each pod's endpoint once for all its Services)."""
+    return [named_slice(svc, shape) for shape in slice_shapes(svc, pods, endpoint)]
+
+
+@dataclass(frozen=True)
+class SliceShape:
+    """A slice but for what names it after its Service: the same for every Service with
+    the same ports selecting the same pods (a transaction builds it once for all)."""
+
+    digest: str  # the end of the slice's name
+    template: pb.EndpointSlice  # no name, namespace or service-name label; never changed
+
+
+def slice_shapes(
+    svc: pb.Service,
+    pods: Iterable[pb.Pod],
+    endpoint: Callable[[pb.Pod], PodEndpoint | None] = pod_endpoint,
+) -> list[SliceShape]:
+    """compute_slices' slices without their Service's name: they depend on svc's ports
+    and the pods alone."""
     fixed = _fixed_ports(svc)
     groups: dict[PortSet, list[PodEndpoint]] = {}
     for pod in pods:
@@ -113,20 +133,29 @@ def compute_slices(
         ports = fixed if fixed is not None else pod_port_set(svc, pod)
         if ports:
             groups.setdefault(ports, []).append(made)
-    slices = []
+    shapes = []
     for ports, members in sorted(groups.items()):
         es = pb.EndpointSlice(
             api_version=KINDS["EndpointSlice"].api_version,
             kind="EndpointSlice",
             address_type="IPv4",
         )
-        es.metadata.name = slice_name(svc.metadata.name, ports)
-        es.metadata.namespace = svc.metadata.namespace
-        es.metadata.labels[SERVICE_NAME_LABEL] = svc.metadata.name
         es.metadata.labels[MANAGED_BY_LABEL] = MANAGED_BY
         for name, protocol, port in ports:
             es.ports.add(name=name, protocol=protocol, port=port)
         members.sort(key=lambda m: (m[0], m[1]))
         es.endpoints.extend(ep for _, _, ep in members)
-        slices.append(es)
-    return slices
+        shapes.append(SliceShape(_digest(ports), es))
+    return shapes
+
+
+def named_slice(
+    svc: pb.Service, shape: SliceShape, into: pb.EndpointSlice | None = None
+) -> pb.EndpointSlice:
+    """svc's slice of that shape (written into `into`, a fresh message, if given)."""
+    es = pb.EndpointSlice() if into is None else into
+    es.CopyFrom(shape.template)
+    es.metadata.name = f"{svc.metadata.name}-{shape.digest}"
+    es.metadata.namespace = svc.metadata.namespace
+    es.metadata.labels[SERVICE_NAME_LABEL] = svc.metadata.name
+    return es

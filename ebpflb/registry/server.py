@@ -18,6 +18,7 @@ from typing import Any, NoReturn, cast
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -25,7 +26,14 @@ from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
 from ebpflb.objects import Key, key_of
 from ebpflb.registry import auth
-from ebpflb.registry.core import Reason, Registry, RegistryError, WatchBatch, WatchItem
+from ebpflb.registry.core import (
+    ApplyResult,
+    Reason,
+    Registry,
+    RegistryError,
+    WatchBatch,
+    WatchItem,
+)
 from ebpflb.registry.store import open_store
 
 log = logging.getLogger("ebpflb.registry")
@@ -130,7 +138,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         # together pass max_objects.
         self._apply_lock = threading.Lock()
 
-    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
+    # An ApplyResponse serialized here (see _apply_response); _Guard's serializer passes it on.
+    def Apply(  # type: ignore[override]
+        self, request: pb.ApplyRequest, context: grpc.ServicerContext
+    ) -> bytes:
         n, limit = len(request.objects), self.limits.max_apply_objects
         if n > limit:
             context.abort(
@@ -151,12 +162,11 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 res = self.registry.apply(list(request.objects), dry_run=request.dry_run)
             except RegistryError as e:
                 _abort(context, e)
-        return pb.ApplyResponse(objects=res.objects, results=res.results)
+        return _apply_response(res)
 
     def _new_objects(self, objects: Sequence[pb.Object]) -> int:
         """How many of objects are not stored yet (each key counted once)."""
-        keys = {key_of(o) for o in objects if o.WhichOneof("kind") is not None}
-        return sum(1 for k in keys if lookup(self.registry, k) is None)
+        return self.registry.missing({key_of(o) for o in objects if o.WhichOneof("kind")})
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         grace = request.grace_period_seconds if request.HasField("grace_period_seconds") else None
@@ -179,48 +189,90 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             _abort(context, e)
         return pb.ListResponse(items=items, resource_version=str(rev))
 
-    def Watch(
+    # WatchEvents serialized here (see _event_bytes); _Guard's serializer passes them on.
+    def Watch(  # type: ignore[override]
         self, request: pb.WatchRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchEvent]:
+    ) -> Iterator[bytes]:
         args = (request.kind, request.namespace, request.label_selector, request.resource_version)
         try:
-            if not request.allow_batches:
-                for item in self.registry.watch(*args, active=context.is_active):
-                    yield _watch_event(pb.WatchEvent(), item)
-                return
             for batch in self.registry.watch_batches(*args, active=context.is_active):
-                yield from _batch_messages(batch)
+                if request.allow_batches:
+                    yield from _batch_messages(batch)
+                else:
+                    yield from map(_event_bytes, batch)
         except RegistryError as e:
             _abort(context, e)
 
 
 WATCH_BATCH_BYTES = 4 * MIB  # a BATCH message is cut when it grows past this
+_BYTES = [bytes([n]) for n in range(0x80)]
 
 
-def _watch_event(ev: pb.WatchEvent, item: WatchItem) -> pb.WatchEvent:
-    typ, obj, rev = item
-    ev.type = typ  # type: ignore[assignment]
-    ev.resource_version = str(rev)
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _BYTES[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(message: type[Message], field: str, wire_type: int) -> bytes:
+    """A field's tag: its number and wire type (0 a varint, 2 bytes)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type)
+
+
+_TYPE, _OBJECT = _tag(pb.WatchEvent, "type", 0), _tag(pb.WatchEvent, "object", 2)
+_VERSION, _BATCH = _tag(pb.WatchEvent, "resource_version", 2), _tag(pb.WatchEvent, "batch", 2)
+_OBJECTS, _RESULTS = _tag(pb.ApplyResponse, "objects", 2), _tag(pb.ApplyResponse, "results", 2)
+
+
+def _apply_response(res: ApplyResult) -> bytes:
+    """An ApplyResponse serialized by hand around the objects' bytes as they were
+    stored: copying thousands of objects into a response costs more than the Apply."""
+    out: list[bytes] = []
+    for obj, data in zip(res.objects, res.wire, strict=True):
+        data = data or obj.SerializeToString()
+        out += (_OBJECTS, _varint(len(data)), data)
+    for result in res.results:
+        text = result.encode()
+        out += (_RESULTS, _varint(len(text)), text)
+    return b"".join(out)
+
+
+def _event_bytes(item: WatchItem) -> bytes:
+    """One WatchEvent, serialized by hand around its object's bytes: an object is
+    serialized once, when it is stored, however many watchers it goes to."""
+    typ, obj, rev, data = item
+    out = [_TYPE, _varint(typ)]
     if obj is not None:
-        ev.object.CopyFrom(obj)
-    return ev
+        data = data or obj.SerializeToString()
+        out += (_OBJECT, _varint(len(data)), data)
+    version = str(rev).encode()
+    out += (_VERSION, _varint(len(version)), version)
+    return b"".join(out)
 
 
-def _batch_messages(batch: WatchBatch) -> Iterator[pb.WatchEvent]:
-    """Events that were ready together as few messages: one event as itself, more as
-    BATCH messages of at most about WATCH_BATCH_BYTES each."""
+def _batch_messages(batch: WatchBatch) -> Iterator[bytes]:
+    """Events that were ready together as few serialized WatchEvents: one event as
+    itself, more as BATCH messages of at most about WATCH_BATCH_BYTES each."""
     if len(batch) == 1:
-        yield _watch_event(pb.WatchEvent(), batch[0])
+        yield _event_bytes(batch[0])
         return
-    out = pb.WatchEvent(type=pb.WatchEvent.BATCH)
+    head = _TYPE + _varint(pb.WatchEvent.BATCH)
+    out = [head]
     size = 0
     for item in batch:
-        size += _watch_event(out.batch.add(), item).ByteSize()
+        event = _event_bytes(item)
+        out += (_BATCH, _varint(len(event)), event)
+        size += len(event)
         if size >= WATCH_BATCH_BYTES:
-            yield out
-            out, size = pb.WatchEvent(type=pb.WatchEvent.BATCH), 0
-    if out.batch:
-        yield out
+            yield b"".join(out)
+            out, size = [head], 0
+    if len(out) > 1:
+        yield b"".join(out)
 
 
 def stored_objects(registry: Registry) -> int:
@@ -284,7 +336,7 @@ class _Guard(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        des, ser = handler.request_deserializer, handler.response_serializer
+        des, ser = handler.request_deserializer, _bytes_or(handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary), des, ser
@@ -344,6 +396,18 @@ class _Guard(grpc.ServerInterceptor):
                 release()
 
         return guarded
+
+
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A response serializer that passes on what a handler serialized itself (Watch)."""
+    if serialize is None:
+        return None
+    ser = serialize
+
+    def serialized(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else ser(message)
+
+    return serialized
 
 
 # ------------------------------------------------------------------ listeners

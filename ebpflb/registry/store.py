@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -13,6 +14,11 @@ from urllib.parse import urlparse
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.objects import Key
+
+# SQLite's own default: checkpoint once the WAL holds 1,000 pages of 4 KiB.
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+
+log = logging.getLogger("ebpflb.registry")
 
 ADDED = pb.WatchEvent.ADDED
 MODIFIED = pb.WatchEvent.MODIFIED
@@ -28,6 +34,11 @@ class Event:
     type: int  # pb.WatchEvent.Type
     key: Key
     obj: pb.Object
+    data: bytes = b""  # obj serialized, when its writer had it: made once, for store and watch
+
+    def wire(self) -> bytes:
+        """obj serialized."""
+        return self.data or self.obj.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,10 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
+        # Checkpoints (copying the WAL into the database file, and its fsync) run on a
+        # thread of their own: a commit then waits for its WAL write alone, where
+        # SQLite would otherwise checkpoint at the end of every large commit.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS objects (
@@ -108,6 +123,32 @@ class SqliteStore:
         )
         with contextlib.suppress(OSError):
             os.chmod(path, 0o600)
+        self._unchecked = 0  # bytes committed since the last checkpoint was asked for
+        self._checkpoint_due = threading.Event()
+        self._closing = False
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoints after commits that wrote about CHECKPOINT_BYTES, on a connection
+        of its own: they run while the next commit appends to the WAL."""
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=10000")
+            while True:
+                self._checkpoint_due.wait()
+                if self._closing:
+                    return
+                self._checkpoint_due.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as e:
+                    log.warning("sqlite %s: checkpoint: %s", self.path, e)
+        finally:
+            db.close()
 
     def _meta(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -128,7 +169,7 @@ class SqliteStore:
             ):
                 obj = pb.Object()
                 obj.ParseFromString(data)
-                events.append(Event(int(rev), int(typ), _key_from_text(key), obj))
+                events.append(Event(int(rev), int(typ), _key_from_text(key), obj, data))
         return Snapshot(revision, compacted, objects, events)
 
     def commit(self, events: list[Event]) -> None:
@@ -137,10 +178,7 @@ class SqliteStore:
         last = events[-1].rev
         with self._lock:
             try:
-                rows = [
-                    (ev.rev, ev.type, _key_text(ev.key), ev.obj.SerializeToString())
-                    for ev in events
-                ]
+                rows = [(ev.rev, ev.type, _key_text(ev.key), ev.wire()) for ev in events]
                 # Each key's last event decides what the objects table holds.
                 final = {k: (rev, typ, data) for rev, typ, k, data in rows}
                 self._db.execute("BEGIN IMMEDIATE")
@@ -166,12 +204,21 @@ class SqliteStore:
                         (floor,),
                     )
                 self._db.execute("COMMIT")
+                self._unchecked += sum(len(data) for _, _, _, data in rows) * 2
+                if self._unchecked >= CHECKPOINT_BYTES:
+                    self._unchecked = 0
+                    self._checkpoint_due.set()
             except sqlite3.Error as e:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise StoreError(f"sqlite {self.path}: {e}") from e
 
     def close(self) -> None:
+        """Stops the checkpointer, then closes: the last connection closed checkpoints
+        what is left and removes the WAL."""
+        self._closing = True
+        self._checkpoint_due.set()
+        self._checkpointer.join()
         with self._lock:
             self._db.close()
 

@@ -501,6 +501,14 @@ def test_a_burst_comes_batched_to_a_client_that_takes_batches(
     assert first.type == pb.WatchEvent.BATCH and not first.HasField("object")
     assert len(first.batch) == 50
     assert [e.SerializeToString() for e in first.batch] == [e.SerializeToString() for e in plain]
+    # The registry writes WatchEvents by hand around each object's stored bytes: they
+    # are what protobuf itself makes of the stored objects.
+    stored = stub.List(pb.ListRequest(kind="Service"), timeout=5).items
+    by_name = {o.service.metadata.name: o for o in stored}
+    for e in plain:
+        o = by_name[e.object.service.metadata.name]
+        version = o.service.metadata.resource_version
+        assert e == pb.WatchEvent(type=pb.WatchEvent.ADDED, object=o, resource_version=version)
     with RegistryClient(registry_addr) as client:
         watch = client.watch(kind="Service", resource_version=rv)
         flat = [ev for ev, _ in zip(watch, range(50), strict=False)]
