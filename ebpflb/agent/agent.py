@@ -109,7 +109,9 @@ class Agent:
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()
-        self.watchers = [KindWatcher(self.client, k, self.queue, self.stop) for k in WATCHED]
+        self.watchers = [
+            KindWatcher(self.client, k, self.queue, self.stop, self.state.record) for k in WATCHED
+        ]
         self.ports = BridgePorts(cfg.bridge, self._attach, self._detach, self.stop)
         self.synced: set[str] = set()
         self.health = HealthChecks()
