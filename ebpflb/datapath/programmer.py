@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from socket import ntohs
@@ -57,7 +57,7 @@ def _port(port: int, what: str) -> None:
         raise ValueError(f"{what} {port} is not a port (1-65535)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint behind a frontend: pod IP and target port.
 
@@ -84,7 +84,7 @@ class Backend:
         return BE_F_LOCAL if self.local else 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """A VIP:port/protocol and its backends. Backends are kept sorted and without duplicates
     (their order means nothing: slots are assigned by the Programmer).
@@ -152,13 +152,23 @@ SvcK = tuple[int, int, int]  # (vip, port, proto)
 SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
 Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
-Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
+# (svc_id, slot) or (svc_id, backend_id) as one int, pair(svc_id, x): at 100,000 entries per
+# map a tuple key (and its own int objects) would cost a few MB more.
+Pair = int
 # Who a frontend belongs to (the agent: its Service's key); update() replaces what one owner has.
 Owner = Hashable
 Owned = Mapping[Any, Iterable[Frontend]]  # owner -> its frontends
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def pair(a: int, b: int) -> Pair:
+    return a << 32 | b
+
+
+def unpair(p: Pair) -> tuple[int, int]:
+    return p >> 32, p & MAX_ID
 
 
 @dataclass
@@ -227,14 +237,14 @@ class Programmer:
                 bid: (addr, ntohs(port), proto, flags)
                 for (bid,), (addr, port, proto, flags) in m.backends.rows()
             },
-            slots={key: bid for key, (bid,) in m.service_backends.rows()},  # type: ignore[misc]
-            members={key: slot for key, (slot,) in m.service_members.rows()},  # type: ignore[misc]
+            slots={pair(sid, slot): bid for (sid, slot), (bid,) in m.service_backends.rows()},
+            members={pair(sid, bid): slot for (sid, bid), (slot,) in m.service_members.rows()},
         )
         self._reindex()
         s = self._state
         ids = m.id_state.lookup(U32(0)) or IdState()
-        seen_svc = [v[0] for v in s.services.values()] + [p[0] for p in (*s.slots, *s.members)]
-        seen_be = list(s.backends) + list(s.slots.values()) + [p[1] for p in s.members]
+        seen_svc = [v[0] for v in s.services.values()] + [p >> 32 for p in (*s.slots, *s.members)]
+        seen_be = list(s.backends) + list(s.slots.values()) + [p & MAX_ID for p in s.members]
         self._next_svc = max([ids.next_svc_id, 1, *(i + 1 for i in seen_svc)])
         self._next_backend = max([ids.next_backend_id, 1, *(i + 1 for i in seen_be)])
         self._saved_ids = (ids.next_svc_id, ids.next_backend_id)
@@ -245,7 +255,7 @@ class Programmer:
         self._backend_ids: dict[Endpoint, int] = {}
         for bid in sorted(self._state.backends):
             self._backend_ids.setdefault(self._state.backends[bid], bid)
-        self._refs = Counter(bid for _, bid in self._state.members)  # backend -> its members
+        self._refs = Counter(p & MAX_ID for p in self._state.members)  # backend -> its members
 
     def reload(self) -> None:
         """Forget the image and read the maps again (after a failure, or to repair drift)."""
@@ -322,10 +332,11 @@ class Programmer:
                 bids.append(bid)
             current = self._state.services.get(key)
             old_count = current[1] if current and current[0] == svc_id else 0
-            old = [self._state.slots.get((svc_id, s)) for s in range(old_count)]
+            base = pair(svc_id, 0)
+            old = [self._state.slots.get(base | s) for s in range(old_count)]
             for slot, bid in enumerate(assign_slots(old, bids)):
-                want.slots[(svc_id, slot)] = bid
-                want.members[(svc_id, bid)] = slot
+                want.slots[base | slot] = bid
+                want.members[base | bid] = slot
             want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout)
         return want
 
@@ -336,8 +347,8 @@ class Programmer:
         self._save_ids()
         self._ensure_all(want, stats)
         _sweep(m.services, have.services, want.services, _svc_kv, "services", stats)
-        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
-        _sweep(m.service_members, have.members, want.members, _member_kv, "members", stats)
+        _sweep(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats)
+        _sweep(m.service_members, have.members, want.members, _pair_kv, "members", stats)
         _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
 
         self._reindex()
@@ -362,26 +373,26 @@ class Programmer:
         # What the changed owners hold now: only these entries can go.
         old_keys = [k for o in changed for k in self._owned.get(o, ())]
         old = [have.services[k] for k in old_keys if k in have.services]
-        old_slots = [(v[0], s) for v in old for s in range(v[1])]
-        old_members = [(sid, have.slots[(sid, s)]) for sid, s in old_slots]
+        old_slots = [pair(v[0], s) for v in old for s in range(v[1])]
+        old_members = [pair(p >> 32, have.slots[p]) for p in old_slots]
 
         want = self._desired([fe for fes in changed.values() for fe in fes])
         stats: Counter[str] = Counter()
         self._save_ids()
         new_members = [k for k in want.members if k not in have.members]
         self._ensure_all(want, stats)
-        self._refs.update(bid for _, bid in new_members)
+        self._refs.update(p & MAX_ID for p in new_members)
         svcs = _sweep(
             m.services, have.services, want.services, _svc_kv, "services", stats, old_keys
         )
         for k in svcs:
             del self._svc_ids[k]
-        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats, old_slots)
+        _sweep(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats, old_slots)
         left = _sweep(
-            m.service_members, have.members, want.members, _member_kv, "members", stats, old_members
+            m.service_members, have.members, want.members, _pair_kv, "members", stats, old_members
         )
-        self._refs.subtract(bid for _, bid in left)
-        unused = {bid for _, bid in left if self._refs[bid] <= 0}
+        self._refs.subtract(p & MAX_ID for p in left)
+        unused = {p & MAX_ID for p in left if self._refs[p & MAX_ID] <= 0}
         for bid in unused:
             del self._refs[bid]
             ep = have.backends.get(bid)
@@ -412,8 +423,8 @@ class Programmer:
         """Write what want has and the maps do not, in the order that keeps them consistent."""
         m, have = self._maps, self._state
         _ensure(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
-        _ensure(m.service_members, have.members, want.members, _member_kv, "members", stats)
-        _ensure(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
+        _ensure(m.service_members, have.members, want.members, _pair_kv, "members", stats)
+        _ensure(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats)
         _ensure(m.services, have.services, want.services, _svc_kv, "services", stats)
 
     # -- reading back -----------------------------------------------------
@@ -468,12 +479,9 @@ def _backend_kv(k: int, v: BeV | None) -> tuple[Row, Row | None]:
     return (k,), None if v is None else (v[0], port_to_be16(v[1]), v[2], v[3])
 
 
-def _slot_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
-    return k, None if v is None else (v,)
-
-
-def _member_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
-    return k, None if v is None else (v,)
+def _pair_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
+    """A slot or member entry: both keys are two u32s, both values one."""
+    return unpair(k), None if v is None else (v,)
 
 
 Convert = Callable[[K, V | None], tuple[Row, Row | None]]
@@ -488,19 +496,27 @@ def _ensure(
     stats: Counter[str],
 ) -> None:
     """Write every wanted entry whose value differs from what the map holds."""
-    todo = [(k, v) for k, v in want.items() if have.get(k) != v]
+    todo = [k for k, v in want.items() if have.get(k) != v]
     if not todo:
         return
+    # Packed straight into one buffer per side: a bulk's 100,000 entries as rows and
+    # bytes objects would raise the agent's peak memory by tens of MB.
     kf, vf = struct_format(bpf_map.key_type), struct_format(bpf_map.value_type)
-    rows = [convert(k, v) for k, v in todo]
-    keys = [kf.pack(*kr) for kr, _ in rows]
-    values = [vf.pack(*vr) for _, vr in rows if vr is not None]
-    if not _batched(bpf_map, lambda fd: _libbpf.map_update_batch(fd, *_joined(keys, values))):
-        for kb, vb in zip(keys, values, strict=True):
+    keys, values = bytearray(), bytearray()
+    for k in todo:
+        v = want[k]
+        kr, vr = convert(k, v)
+        assert vr is not None
+        keys += kf.pack(*kr)
+        values += vf.pack(*vr)
+    batch = (bytes(keys), bytes(values), len(todo))
+    if not _batched(bpf_map, lambda fd: _libbpf.map_update_batch(fd, *batch)):
+        for kb, vb in zip(_split(keys, kf.size), _split(values, vf.size), strict=True):
             bpf_map.update(
                 bpf_map.key_type.from_buffer_copy(kb), bpf_map.value_type.from_buffer_copy(vb)
             )
-    have.update(todo)
+    for k in todo:
+        have[k] = want[k]
     stats[f"{name}_written"] += len(todo)
 
 
@@ -520,9 +536,11 @@ def _sweep(
     if not gone:
         return gone
     kf = struct_format(bpf_map.key_type)
-    keys = [kf.pack(*convert(k, None)[0]) for k in gone]
-    if not _batched(bpf_map, lambda fd: _libbpf.map_delete_batch(fd, b"".join(keys), len(keys))):
-        for kb in keys:
+    keys = bytearray()
+    for k in gone:
+        keys += kf.pack(*convert(k, None)[0])
+    if not _batched(bpf_map, lambda fd: _libbpf.map_delete_batch(fd, bytes(keys), len(gone))):
+        for kb in _split(keys, kf.size):
             bpf_map.delete(bpf_map.key_type.from_buffer_copy(kb))
     for k in gone:
         del have[k]
@@ -530,8 +548,9 @@ def _sweep(
     return gone
 
 
-def _joined(keys: list[bytes], values: list[bytes]) -> tuple[bytes, bytes, int]:
-    return b"".join(keys), b"".join(values), len(keys)
+def _split(packed: bytearray, size: int) -> Iterator[bytearray]:
+    """The entries of a packed buffer, one by one."""
+    return (packed[i : i + size] for i in range(0, len(packed), size))
 
 
 def _batched(bpf_map: MapLike[Any, Any], call: Callable[[int], None]) -> bool:
