@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import queue
@@ -27,6 +28,7 @@ log = logging.getLogger("ebpflb.agent")
 WATCHED = ("Service", "EndpointSlice")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ebpflb"
 MAX_NODE_IPS = 4  # LB_MAX_NODE_IPS in bpf/lb_structs.h
+FREEZE_AFTER = 10_000  # map entries written or deleted by one programming (a bulk)
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,12 @@ class Agent:
             log.info("full sync (%s): %d Services; %s", reason, len(self.state.services), stats)
         else:
             log.debug("sync %d: %s", self.syncs, stats)
+        if stats.written + stats.deleted >= FREEZE_AFTER:
+            # The records and the map image are acyclic (reference counting frees them):
+            # out of the collector's sight, they no longer make every full collection
+            # walk 10^5 objects, which a change would wait for.
+            gc.collect()
+            gc.freeze()
 
     def shutdown(self) -> None:
         self.stop.set()
