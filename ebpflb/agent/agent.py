@@ -255,8 +255,8 @@ class Agent:
         if stats.written + stats.deleted >= FREEZE_AFTER:
             # The records and the map image are acyclic (reference counting frees them):
             # out of the collector's sight, they no longer make every full collection
-            # walk 10^5 objects, which a change would wait for.
-            gc.collect()
+            # walk 10^5 objects, which a change would wait for. (No collection first:
+            # it would stall the rest of a bulk that comes in several parts.)
             gc.freeze()
 
     def shutdown(self) -> None:
