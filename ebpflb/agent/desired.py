@@ -7,6 +7,7 @@ so a Service whose slices did not change costs nothing to recompute."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from ebpflb.agent.healthcheck import HealthCheck
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.datapath.programmer import Backend, Frontend
 from ebpflb.objects import SERVICE_NAME_LABEL, Key
+
+log = logging.getLogger("ebpflb.agent")
 
 DEFAULT_AFFINITY_TIMEOUT = 10800
 BALANCED_TYPES = ("", "ClusterIP", "NodePort")  # the types that get frontends
@@ -113,15 +116,26 @@ class SliceRecord(NamedTuple):
                 endpoints.append((ep.addresses[0], ep.node_name == node, ready, fallback))
         ports = []
         for p in es.ports:
-            port, protocol = p.port, p.protocol or "TCP"
-            ready_bs = tuple(_backend(ip, port, local) for ip, local, r, _ in endpoints if r)
-            fallback_bs = tuple(_backend(ip, port, local) for ip, local, _, f in endpoints if f)
-            ports.append(SlicePort(_intern(p.name), _intern(protocol), ready_bs, fallback_bs))
+            made = [(_checked_backend(ip, p.port, local), r, f) for ip, local, r, f in endpoints]
+            ready_bs = tuple(b for b, r, _ in made if b is not None and r)
+            fallback_bs = tuple(b for b, _, f in made if b is not None and f)
+            protocol = _intern(p.protocol or "TCP")
+            ports.append(SlicePort(_intern(p.name), protocol, ready_bs, fallback_bs))
         local_ready = tuple(ip for ip, local, ready, _ in endpoints if local and ready)
         return cls(es.metadata.labels.get(SERVICE_NAME_LABEL, ""), tuple(ports), local_ready)
 
 
 Record = ServiceRecord | SliceRecord
+
+
+def _checked_backend(ip: str, port: int, local: bool) -> Backend | None:
+    """The endpoint's Backend; None (with a warning) for one the datapath cannot hold
+    (not IPv4, or no port): it is left out, and the watcher that makes records goes on."""
+    try:
+        return _backend(ip, port, local)
+    except ValueError as e:
+        log.warning("EndpointSlice endpoint left out: %s", e)
+        return None
 
 
 def _backends(
