@@ -57,6 +57,9 @@ def _port(port: int, what: str) -> None:
         raise ValueError(f"{what} {port} is not a port (1-65535)")
 
 
+SvcK = tuple[int, int, int]  # a services map key: (vip, port in host order, proto)
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint behind a frontend: pod IP and target port.
@@ -106,12 +109,16 @@ class Frontend:
     backends: tuple[Backend, ...] = ()
     affinity_timeout: int = 0  # sessionAffinity ClientIP timeout in seconds; 0 = no affinity
     nodeport: bool = False
+    # The services map's key in the Programmer's image (worked out once; the image's
+    # dicts and the owners' lists share this one tuple).
+    map_key: SvcK = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _ipv4(self.vip, "frontend address")
         _port(self.port, "frontend port")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {sorted(PROTOCOLS)}")
+        object.__setattr__(self, "map_key", (_be32(self.vip), self.port, PROTOCOLS[self.protocol]))
         if not 0 <= self.affinity_timeout <= MAX_ID:
             raise ValueError(f"affinity_timeout {self.affinity_timeout} out of range")
         unique = tuple(sorted(set(self.backends), key=Backend.sort_key))
@@ -153,8 +160,7 @@ class SyncStats:
 
 
 # The Programmer's image of the maps, in plain tuples (ports in host order,
-# addresses as lb_structs.h stores them):
-SvcK = tuple[int, int, int]  # (vip, port, proto)
+# addresses as lb_structs.h stores them; services keyed by SvcK, above):
 SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
 Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
@@ -322,7 +328,7 @@ class Programmer:
         want = _State(services={}, backends={}, slots={}, members={})
         for fe in frontends:
             proto = PROTOCOLS[fe.protocol]
-            key = _svc_key(fe)
+            key = fe.map_key
             if key in want.services:
                 raise ValueError(f"frontend {fe.vip}:{fe.port}/{fe.protocol} given twice")
             svc_id = self._svc_ids.get(key)
@@ -358,7 +364,7 @@ class Programmer:
         _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
 
         self._reindex()
-        self._owned = {o: [_svc_key(fe) for fe in fes] for o, fes in owned.items() if fes}
+        self._owned = {o: [fe.map_key for fe in fes] for o, fes in owned.items() if fes}
         self._owner_of = {k: o for o, keys in self._owned.items() for k in keys}
         result = SyncStats(**stats)
         log.debug("datapath sync: %s", result)
@@ -366,7 +372,7 @@ class Programmer:
 
     def _update(self, changed: dict[Owner, list[Frontend]]) -> SyncStats:
         m, have = self._maps, self._state
-        keys = {o: [_svc_key(fe) for fe in fes] for o, fes in changed.items()}
+        keys = {o: [fe.map_key for fe in fes] for o, fes in changed.items()}
         for o, ks in keys.items():
             for k in ks:
                 other = self._owner_of.get(k, o)
@@ -464,10 +470,6 @@ class Programmer:
                 )
             )
         return sorted(out, key=Frontend.sort_key)
-
-
-def _svc_key(fe: Frontend) -> SvcK:
-    return _be32(fe.vip), fe.port, PROTOCOLS[fe.protocol]
 
 
 _be32 = lru_cache(maxsize=1 << 16)(ip_to_be32)  # the same addresses, again and again
