@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import ipaddress
 import logging
 import queue
@@ -27,6 +29,7 @@ log = logging.getLogger("ebpflb.agent")
 WATCHED = ("Service", "EndpointSlice")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ebpflb"
 MAX_NODE_IPS = 4  # LB_MAX_NODE_IPS in bpf/lb_structs.h
+FREEZE_AFTER = 10_000  # map entries written or deleted by one programming (a bulk)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ class Agent:
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()
-        self.watchers = [KindWatcher(self.client, k, self.queue, self.stop) for k in WATCHED]
+        self.watchers = [
+            KindWatcher(self.client, k, self.queue, self.stop, self.state.record) for k in WATCHED
+        ]
         self.ports = BridgePorts(cfg.bridge, self._attach, self._detach, self.stop)
         self.synced: set[str] = set()
         self.health = HealthChecks()
@@ -248,6 +253,13 @@ class Agent:
             log.info("full sync (%s): %d Services; %s", reason, len(self.state.services), stats)
         else:
             log.debug("sync %d: %s", self.syncs, stats)
+        if stats.written + stats.deleted >= FREEZE_AFTER:
+            # The records and the map image are acyclic (reference counting frees them):
+            # out of the collector's sight, they no longer make every full collection
+            # walk 10^5 objects, which a change would wait for. (No collection first:
+            # it would stall the rest of a bulk that comes in several parts.)
+            gc.freeze()
+            release_free_memory()
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -263,6 +275,14 @@ class Agent:
             self.datapath.close(cleanup=False)
             log.info("exiting; programs and maps stay in place (pinned in %s)", self.cfg.pins)
         self.client.close()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc only): a bulk's watch
+    messages are parsed there, and what they leave free would stay in the agent's RSS."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def run(cfg: AgentConfig) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, Watch
@@ -14,12 +16,12 @@ from ebpflb.objects import key_of
 log = logging.getLogger("ebpflb.agent")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """An object added/modified (obj set) or deleted (obj None)."""
 
     kind: str
-    obj: pb.Object | None
+    obj: Any  # what the watcher's keep() made of the pb.Object (by default: itself)
     key: object  # ebpflb.objects.Key
 
 
@@ -43,16 +45,26 @@ Message = Change | Relist | Synced
 class KindWatcher(threading.Thread):
     """Watches one kind for as long as the agent runs. After a disconnect it resumes
     from the last revision it saw (nothing is missed or repeated); when the registry
-    no longer has that revision it relists. The datapath is never touched here."""
+    no longer has that revision it relists. The datapath is never touched here.
+
+    keep: what of each object to queue. The agent keeps a compact record, made here
+    as each event arrives: an event of a BATCH message keeps the whole batch alive
+    for as long as it is referenced, and a bulk Apply's backlog would hold them all."""
 
     def __init__(
-        self, client: RegistryClient, kind: str, out: queue.Queue[Message], stop: threading.Event
+        self,
+        client: RegistryClient,
+        kind: str,
+        out: queue.Queue[Message],
+        stop: threading.Event,
+        keep: Callable[[pb.Object], Any] = lambda obj: obj,
     ) -> None:
         super().__init__(name=f"watch-{kind}", daemon=True)
         self.client = client
         self.kind = kind
         self.out = out
         self.stop_event = stop
+        self.keep = keep
         self.revision = ""
         self._watch: Watch | None = None
         self.connected = threading.Event()
@@ -96,9 +108,8 @@ class KindWatcher(threading.Thread):
                 self.out.put(Synced(self.kind))
             return False
         obj = ev.object
-        self.out.put(
-            Change(self.kind, None if ev.type == pb.WatchEvent.DELETED else obj, key_of(obj))
-        )
+        kept = None if ev.type == pb.WatchEvent.DELETED else self.keep(obj)
+        self.out.put(Change(self.kind, kept, key_of(obj)))
         if not listing:
             # Listed objects carry their own (older) revisions: resume only from live ones.
             self.revision = ev.resource_version

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from socket import ntohs
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,7 +57,10 @@ def _port(port: int, what: str) -> None:
         raise ValueError(f"{what} {port} is not a port (1-65535)")
 
 
-@dataclass(frozen=True)
+SvcK = tuple[int, int, int]  # a services map key: (vip, port in host order, proto)
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """One endpoint behind a frontend: pod IP and target port.
 
@@ -70,13 +73,19 @@ class Backend:
     ip: str
     port: int
     local: bool = False
+    # Worked out once: one Backend stands for its endpoint in every frontend that names
+    # it, and at 10,000 Services each is sorted and written thousands of times.
+    _sort_key: tuple[int, int, bool] = field(init=False, repr=False, compare=False)
+    be32: int = field(init=False, repr=False, compare=False)  # the address as the maps hold it
 
     def __post_init__(self) -> None:
-        _ipv4(self.ip, "backend address")
         _port(self.port, "backend port")
+        key = (_ipv4(self.ip, "backend address"), self.port, self.local)
+        object.__setattr__(self, "_sort_key", key)
+        object.__setattr__(self, "be32", _be32(self.ip))
 
     def sort_key(self) -> tuple[int, int, bool]:
-        return _ipv4(self.ip, "backend address"), self.port, self.local
+        return self._sort_key
 
     @property
     def flags(self) -> int:
@@ -84,7 +93,7 @@ class Backend:
         return BE_F_LOCAL if self.local else 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """A VIP:port/protocol and its backends. Backends are kept sorted and without duplicates
     (their order means nothing: slots are assigned by the Programmer).
@@ -100,12 +109,16 @@ class Frontend:
     backends: tuple[Backend, ...] = ()
     affinity_timeout: int = 0  # sessionAffinity ClientIP timeout in seconds; 0 = no affinity
     nodeport: bool = False
+    # The services map's key in the Programmer's image (worked out once; the image's
+    # dicts and the owners' lists share this one tuple).
+    map_key: SvcK = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _ipv4(self.vip, "frontend address")
         _port(self.port, "frontend port")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r} is not one of {sorted(PROTOCOLS)}")
+        object.__setattr__(self, "map_key", (_be32(self.vip), self.port, PROTOCOLS[self.protocol]))
         if not 0 <= self.affinity_timeout <= MAX_ID:
             raise ValueError(f"affinity_timeout {self.affinity_timeout} out of range")
         unique = tuple(sorted(set(self.backends), key=Backend.sort_key))
@@ -147,18 +160,27 @@ class SyncStats:
 
 
 # The Programmer's image of the maps, in plain tuples (ports in host order,
-# addresses as lb_structs.h stores them):
-SvcK = tuple[int, int, int]  # (vip, port, proto)
+# addresses as lb_structs.h stores them; services keyed by SvcK, above):
 SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
 Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
-Pair = tuple[int, int]  # (svc_id, slot) or (svc_id, backend_id)
+# (svc_id, slot) or (svc_id, backend_id) as one int, pair(svc_id, x): at 100,000 entries per
+# map a tuple key (and its own int objects) would cost a few MB more.
+Pair = int
 # Who a frontend belongs to (the agent: its Service's key); update() replaces what one owner has.
 Owner = Hashable
 Owned = Mapping[Any, Iterable[Frontend]]  # owner -> its frontends
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def pair(a: int, b: int) -> Pair:
+    return a << 32 | b
+
+
+def unpair(p: Pair) -> tuple[int, int]:
+    return p >> 32, p & MAX_ID
 
 
 @dataclass
@@ -227,14 +249,14 @@ class Programmer:
                 bid: (addr, ntohs(port), proto, flags)
                 for (bid,), (addr, port, proto, flags) in m.backends.rows()
             },
-            slots={key: bid for key, (bid,) in m.service_backends.rows()},  # type: ignore[misc]
-            members={key: slot for key, (slot,) in m.service_members.rows()},  # type: ignore[misc]
+            slots={pair(sid, slot): bid for (sid, slot), (bid,) in m.service_backends.rows()},
+            members={pair(sid, bid): slot for (sid, bid), (slot,) in m.service_members.rows()},
         )
         self._reindex()
         s = self._state
         ids = m.id_state.lookup(U32(0)) or IdState()
-        seen_svc = [v[0] for v in s.services.values()] + [p[0] for p in (*s.slots, *s.members)]
-        seen_be = list(s.backends) + list(s.slots.values()) + [p[1] for p in s.members]
+        seen_svc = [v[0] for v in s.services.values()] + [p >> 32 for p in (*s.slots, *s.members)]
+        seen_be = list(s.backends) + list(s.slots.values()) + [p & MAX_ID for p in s.members]
         self._next_svc = max([ids.next_svc_id, 1, *(i + 1 for i in seen_svc)])
         self._next_backend = max([ids.next_backend_id, 1, *(i + 1 for i in seen_be)])
         self._saved_ids = (ids.next_svc_id, ids.next_backend_id)
@@ -245,7 +267,7 @@ class Programmer:
         self._backend_ids: dict[Endpoint, int] = {}
         for bid in sorted(self._state.backends):
             self._backend_ids.setdefault(self._state.backends[bid], bid)
-        self._refs = Counter(bid for _, bid in self._state.members)  # backend -> its members
+        self._refs = Counter(p & MAX_ID for p in self._state.members)  # backend -> its members
 
     def reload(self) -> None:
         """Forget the image and read the maps again (after a failure, or to repair drift)."""
@@ -306,7 +328,7 @@ class Programmer:
         want = _State(services={}, backends={}, slots={}, members={})
         for fe in frontends:
             proto = PROTOCOLS[fe.protocol]
-            key = _svc_key(fe)
+            key = fe.map_key
             if key in want.services:
                 raise ValueError(f"frontend {fe.vip}:{fe.port}/{fe.protocol} given twice")
             svc_id = self._svc_ids.get(key)
@@ -314,7 +336,7 @@ class Programmer:
                 svc_id = self._svc_ids[key] = self._alloc_svc()
             bids = []
             for b in fe.backends:
-                ep = (_be32(b.ip), b.port, proto, b.flags)
+                ep = (b.be32, b.port, proto, b.flags)
                 bid = self._backend_ids.get(ep)
                 if bid is None:
                     bid = self._backend_ids[ep] = self._alloc_backend()
@@ -322,10 +344,11 @@ class Programmer:
                 bids.append(bid)
             current = self._state.services.get(key)
             old_count = current[1] if current and current[0] == svc_id else 0
-            old = [self._state.slots.get((svc_id, s)) for s in range(old_count)]
+            base = pair(svc_id, 0)
+            old = [self._state.slots.get(base | s) for s in range(old_count)]
             for slot, bid in enumerate(assign_slots(old, bids)):
-                want.slots[(svc_id, slot)] = bid
-                want.members[(svc_id, bid)] = slot
+                want.slots[base | slot] = bid
+                want.members[base | bid] = slot
             want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout)
         return want
 
@@ -336,12 +359,12 @@ class Programmer:
         self._save_ids()
         self._ensure_all(want, stats)
         _sweep(m.services, have.services, want.services, _svc_kv, "services", stats)
-        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
-        _sweep(m.service_members, have.members, want.members, _member_kv, "members", stats)
+        _sweep(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats)
+        _sweep(m.service_members, have.members, want.members, _pair_kv, "members", stats)
         _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
 
         self._reindex()
-        self._owned = {o: [_svc_key(fe) for fe in fes] for o, fes in owned.items() if fes}
+        self._owned = {o: [fe.map_key for fe in fes] for o, fes in owned.items() if fes}
         self._owner_of = {k: o for o, keys in self._owned.items() for k in keys}
         result = SyncStats(**stats)
         log.debug("datapath sync: %s", result)
@@ -349,7 +372,7 @@ class Programmer:
 
     def _update(self, changed: dict[Owner, list[Frontend]]) -> SyncStats:
         m, have = self._maps, self._state
-        keys = {o: [_svc_key(fe) for fe in fes] for o, fes in changed.items()}
+        keys = {o: [fe.map_key for fe in fes] for o, fes in changed.items()}
         for o, ks in keys.items():
             for k in ks:
                 other = self._owner_of.get(k, o)
@@ -362,26 +385,26 @@ class Programmer:
         # What the changed owners hold now: only these entries can go.
         old_keys = [k for o in changed for k in self._owned.get(o, ())]
         old = [have.services[k] for k in old_keys if k in have.services]
-        old_slots = [(v[0], s) for v in old for s in range(v[1])]
-        old_members = [(sid, have.slots[(sid, s)]) for sid, s in old_slots]
+        old_slots = [pair(v[0], s) for v in old for s in range(v[1])]
+        old_members = [pair(p >> 32, have.slots[p]) for p in old_slots]
 
         want = self._desired([fe for fes in changed.values() for fe in fes])
         stats: Counter[str] = Counter()
         self._save_ids()
         new_members = [k for k in want.members if k not in have.members]
         self._ensure_all(want, stats)
-        self._refs.update(bid for _, bid in new_members)
+        self._refs.update(p & MAX_ID for p in new_members)
         svcs = _sweep(
             m.services, have.services, want.services, _svc_kv, "services", stats, old_keys
         )
         for k in svcs:
             del self._svc_ids[k]
-        _sweep(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats, old_slots)
+        _sweep(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats, old_slots)
         left = _sweep(
-            m.service_members, have.members, want.members, _member_kv, "members", stats, old_members
+            m.service_members, have.members, want.members, _pair_kv, "members", stats, old_members
         )
-        self._refs.subtract(bid for _, bid in left)
-        unused = {bid for _, bid in left if self._refs[bid] <= 0}
+        self._refs.subtract(p & MAX_ID for p in left)
+        unused = {p & MAX_ID for p in left if self._refs[p & MAX_ID] <= 0}
         for bid in unused:
             del self._refs[bid]
             ep = have.backends.get(bid)
@@ -412,8 +435,8 @@ class Programmer:
         """Write what want has and the maps do not, in the order that keeps them consistent."""
         m, have = self._maps, self._state
         _ensure(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
-        _ensure(m.service_members, have.members, want.members, _member_kv, "members", stats)
-        _ensure(m.service_backends, have.slots, want.slots, _slot_kv, "slots", stats)
+        _ensure(m.service_members, have.members, want.members, _pair_kv, "members", stats)
+        _ensure(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats)
         _ensure(m.services, have.services, want.services, _svc_kv, "services", stats)
 
     # -- reading back -----------------------------------------------------
@@ -449,10 +472,6 @@ class Programmer:
         return sorted(out, key=Frontend.sort_key)
 
 
-def _svc_key(fe: Frontend) -> SvcK:
-    return _be32(fe.vip), fe.port, PROTOCOLS[fe.protocol]
-
-
 _be32 = lru_cache(maxsize=1 << 16)(ip_to_be32)  # the same addresses, again and again
 
 
@@ -468,12 +487,9 @@ def _backend_kv(k: int, v: BeV | None) -> tuple[Row, Row | None]:
     return (k,), None if v is None else (v[0], port_to_be16(v[1]), v[2], v[3])
 
 
-def _slot_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
-    return k, None if v is None else (v,)
-
-
-def _member_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
-    return k, None if v is None else (v,)
+def _pair_kv(k: Pair, v: int | None) -> tuple[Row, Row | None]:
+    """A slot or member entry: both keys are two u32s, both values one."""
+    return unpair(k), None if v is None else (v,)
 
 
 Convert = Callable[[K, V | None], tuple[Row, Row | None]]
@@ -488,19 +504,27 @@ def _ensure(
     stats: Counter[str],
 ) -> None:
     """Write every wanted entry whose value differs from what the map holds."""
-    todo = [(k, v) for k, v in want.items() if have.get(k) != v]
+    todo = [k for k, v in want.items() if have.get(k) != v]
     if not todo:
         return
+    # Packed straight into one buffer per side: a bulk's 100,000 entries as rows and
+    # bytes objects would raise the agent's peak memory by tens of MB.
     kf, vf = struct_format(bpf_map.key_type), struct_format(bpf_map.value_type)
-    rows = [convert(k, v) for k, v in todo]
-    keys = [kf.pack(*kr) for kr, _ in rows]
-    values = [vf.pack(*vr) for _, vr in rows if vr is not None]
-    if not _batched(bpf_map, lambda fd: _libbpf.map_update_batch(fd, *_joined(keys, values))):
-        for kb, vb in zip(keys, values, strict=True):
+    keys, values = bytearray(), bytearray()
+    for k in todo:
+        v = want[k]
+        kr, vr = convert(k, v)
+        assert vr is not None
+        keys += kf.pack(*kr)
+        values += vf.pack(*vr)
+    batch = (bytes(keys), bytes(values), len(todo))
+    if not _batched(bpf_map, lambda fd: _libbpf.map_update_batch(fd, *batch)):
+        for kb, vb in zip(_split(keys, kf.size), _split(values, vf.size), strict=True):
             bpf_map.update(
                 bpf_map.key_type.from_buffer_copy(kb), bpf_map.value_type.from_buffer_copy(vb)
             )
-    have.update(todo)
+    for k in todo:
+        have[k] = want[k]
     stats[f"{name}_written"] += len(todo)
 
 
@@ -520,9 +544,11 @@ def _sweep(
     if not gone:
         return gone
     kf = struct_format(bpf_map.key_type)
-    keys = [kf.pack(*convert(k, None)[0]) for k in gone]
-    if not _batched(bpf_map, lambda fd: _libbpf.map_delete_batch(fd, b"".join(keys), len(keys))):
-        for kb in keys:
+    keys = bytearray()
+    for k in gone:
+        keys += kf.pack(*convert(k, None)[0])
+    if not _batched(bpf_map, lambda fd: _libbpf.map_delete_batch(fd, bytes(keys), len(gone))):
+        for kb in _split(keys, kf.size):
             bpf_map.delete(bpf_map.key_type.from_buffer_copy(kb))
     for k in gone:
         del have[k]
@@ -530,8 +556,9 @@ def _sweep(
     return gone
 
 
-def _joined(keys: list[bytes], values: list[bytes]) -> tuple[bytes, bytes, int]:
-    return b"".join(keys), b"".join(values), len(keys)
+def _split(packed: bytearray, size: int) -> Iterator[bytearray]:
+    """The entries of a packed buffer, one by one."""
+    return (packed[i : i + size] for i in range(0, len(packed), size))
 
 
 def _batched(bpf_map: MapLike[Any, Any], call: Callable[[int], None]) -> bool:

@@ -98,6 +98,14 @@ def test_backends_from_conditions(
     assert backends(frontends(svc(), es("web-1", endpoints, HTTP))) == [expected]
 
 
+def test_endpoints_the_datapath_cannot_hold_are_left_out() -> None:
+    """Not IPv4, or no port: left out of the record (made in the watcher's thread,
+    which must not die of them); the other endpoints stay."""
+    endpoints = [ep("fd00::1"), ep("10.0.0.1")]
+    assert backends(frontends(svc(), es("web-1", endpoints, HTTP))) == [{("10.0.0.1", 8080)}]
+    assert backends(frontends(svc(), es("web-1", endpoints, [("http", "TCP", 0)]))) == [set()]
+
+
 def test_ports_match_by_name_and_protocol_and_slices_add_up() -> None:
     service = svc(
         [
