@@ -588,6 +588,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
+    from ebpflb.datapath.loader import DatapathConfig
+
     p.add_argument("--node", required=True, help="this node's name (its Node object)")
     p.add_argument("--bridge", default="cni0", help="the pods' bridge (default cni0)")
     p.add_argument("--node-ip", default="", metavar="IP", help="default: autodetected")
@@ -602,6 +604,14 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "in the faster mode for its kind)",
     )
     p.add_argument("--pin-dir", default="", metavar="DIR", help="default /sys/fs/bpf/ebpflb/<node>")
+    p.add_argument(
+        "--max-conntrack",
+        type=_positive,
+        default=DatapathConfig.max_conntrack,
+        metavar="N",
+        help="conntrack entries (a flow takes two; default %(default)s); a changed size is "
+        "migrated at start, flows kept (bpf/README.md: sizing)",
+    )
     p.add_argument(
         "--cleanup",
         action="store_true",
@@ -632,6 +642,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             external_ifaces=tuple(args.external_iface),
             cleanup=args.cleanup,
             tls=tls,
+            max_conntrack=args.max_conntrack,
         )
     )
     return 0

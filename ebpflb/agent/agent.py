@@ -20,7 +20,7 @@ from ebpflb.agent.links import BridgePorts
 from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, TlsConfig
-from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, ExternalMode
+from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, DatapathConfig, ExternalMode
 from ebpflb.datapath.programmer import Programmer
 from ebpflb.objects import wrap
 
@@ -45,6 +45,7 @@ class AgentConfig:
     tls: TlsConfig | None = None  # mTLS to a host:port registry (ignored for a unix socket)
     gc_interval: float = 10.0
     resync_interval: float = 300.0  # a full mark-and-sweep of the maps this often (safety net)
+    max_conntrack: int = DatapathConfig.max_conntrack  # entries; a change is migrated
 
     @property
     def pins(self) -> str:
@@ -108,7 +109,9 @@ class Agent:
         self.client = RegistryClient(cfg.registry, tls=cfg.tls)
         # Maps of another layout (an upgrade) are migrated, but the new programs are swapped
         # in only after the first sync has written the registry's state into the new maps.
-        self.datapath = Datapath(cfg.pins, defer_migration=True)
+        self.datapath = Datapath(
+            cfg.pins, DatapathConfig(max_conntrack=cfg.max_conntrack), defer_migration=True
+        )
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()

@@ -16,7 +16,7 @@ import pytest
 from ebpflb.datapath.layout import read_pinned
 from ebpflb.harness import LbCluster, eventually
 from tests.datapath.variant import variant_bpf_dir
-from tests.e2e.test_restart import Traffic, add_web, map_ids, service
+from tests.e2e.test_restart import Traffic, add_web, map_ids, service, steady_service
 
 pytestmark = [
     pytest.mark.e2e,
@@ -38,25 +38,15 @@ def test_agent_upgrade_to_another_map_layout_under_traffic(
     with LbCluster(nodes=1) as lb:
         node = lb.cluster.nodes[0]
         pins = lb.pin_dir(node)
-        client = lb.cluster.add_client_pod(node)
-        lb.wait_attached(client)
-        for i in range(2):
-            add_web(lb, "steady", f"steady{i}")
-        lb.apply(service("steady", "steady"))
-        vip = lb.cluster_ip("steady")
-        ns = lb.cluster.ns(client)
-
-        def answers(ip: str, port: int) -> None:
-            with ns.socket() as s:
-                s.settimeout(2)
-                s.connect((ip, port))
-
-        eventually(lambda: answers(vip, 80))
+        steady = steady_service(lb, "steady")
+        ns, vip, answers = steady.ns, steady.vip, steady.answers
         old = read_pinned(pins)
         assert old is not None and old["conntrack"].value.size == 48  # the variant's
         monkeypatch.delenv("EBPFLB_BPF_DIR")
 
-        def restart_under_traffic(n: int) -> tuple[Traffic, float, int]:
+        def restart_under_traffic(
+            n: int, extra: tuple[str, ...] = ()
+        ) -> tuple[Traffic, float, int]:
             """Kill the agent under traffic, create a Service, start it again; until it
             synced. The traffic runs only around this (nginx ends a keep-alive connection
             after 1000 requests, 50 s of Traffic's)."""
@@ -69,8 +59,10 @@ def test_agent_upgrade_to_another_map_layout_under_traffic(
                 time.sleep(1)
                 lb.stop_agent(node, signal.SIGKILL)
                 lb.apply(service(name, name, port=8080))
-                agent = lb.start_agent(node)
-                eventually(lambda: lb.agent_log(node).count("synced: ") == n + 1, timeout=180)
+                agent = lb.start_agent(node, extra)
+                eventually(
+                    lambda: lb.agent_log(node).count("full sync (start)") == n + 1, timeout=180
+                )
                 eventually(lambda: answers(lb.cluster_ip(name), 8080), timeout=60)
                 time.sleep(1)
             finally:
@@ -97,3 +89,10 @@ def test_agent_upgrade_to_another_map_layout_under_traffic(
         report("restart (adopted)", *restart_under_traffic(2))
         assert map_ids(str(pins)) == ids
         assert lb.agent_log(node).count("migrated ") == 1
+        report(
+            "restart with --max-conntrack 131072 (migrated)",
+            *restart_under_traffic(3, ("--max-conntrack", "131072")),
+        )
+        resized = read_pinned(pins)
+        assert resized is not None and resized["conntrack"].max_entries == 131072
+        assert lb.agent_log(node).count("migrated ") == 2
