@@ -3,6 +3,7 @@ it is down, start it again: no failed connection, no reset, the same maps, the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -95,12 +96,19 @@ class Traffic:
                 self._fail(f"new connection: {e!r}")
             time.sleep(0.025)
 
-    def start(self) -> list[threading.Thread]:
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Traffic]:
+        """The load runs inside the with block; on leaving it, it stops and is waited for."""
         threads = [threading.Thread(target=self._long) for _ in range(3)]
         threads.append(threading.Thread(target=self._short))
         for t in threads:
             t.start()
-        return threads
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join(timeout=30)
 
 
 def map_ids(pin_dir: str) -> dict[str, int]:
@@ -182,8 +190,7 @@ def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
     ns, vip, answers = steady.ns, steady.vip, steady.answers
     before = map_ids(str(lb.pin_dir(node)))
     traffic = Traffic(ns, vip, 80)
-    threads = traffic.start()
-    try:
+    with traffic.running():
         time.sleep(1)
         for round_ in range(2):
             lb.stop_agent(node, signal.SIGKILL)
@@ -197,10 +204,6 @@ def test_kill_9_and_restart_the_agent_under_traffic(lb: LbCluster) -> None:
             new_vip = lb.cluster_ip(name)
             eventually(lambda new_vip=new_vip: answers(new_vip, 8080), timeout=60)
             time.sleep(1)
-    finally:
-        traffic.stop.set()
-        for t in threads:
-            t.join(timeout=30)
     assert traffic.failures == []
     assert traffic.long_requests > 50 and traffic.new_connections > 50
     assert map_ids(str(lb.pin_dir(node))) == before  # adopted, not recreated
@@ -231,8 +234,7 @@ def test_kill_9_and_restart_the_agent_under_node_port_traffic() -> None:
         eventually(lambda: answers(node_port))
         before = map_ids(str(lb.pin_dir(node)))
         traffic = Traffic(outside, node.ip, node_port)
-        threads = traffic.start()
-        try:
+        with traffic.running():
             time.sleep(1)
             for round_ in range(2):
                 lb.stop_agent(node, signal.SIGKILL)
@@ -245,10 +247,6 @@ def test_kill_9_and_restart_the_agent_under_node_port_traffic() -> None:
                 lb.wait_attached(pod)
                 eventually(lambda new_port=new_port: answers(new_port), timeout=60)
                 time.sleep(1)
-        finally:
-            traffic.stop.set()
-            for t in threads:
-                t.join(timeout=30)
         resets = sum("Reset" in f for f in traffic.failures)
         print(
             f"\nNodePort, agent killed twice: {traffic.new_connections} new connections and "
@@ -315,8 +313,7 @@ def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbC
     before = balancing_entries(pins)
     log_start = len(lb.agent_log(node))
     traffic = Traffic(ns, vip, 80)
-    threads = traffic.start()
-    try:
+    with traffic.running():
         time.sleep(1)
         assert lb.registry_proc is not None
         lb.registry_proc.send_signal(signal.SIGKILL)
@@ -331,10 +328,6 @@ def test_registry_kill_9_leaves_the_datapath_alone_and_the_watch_resumes(lb: LbC
         new_vip = lb.cluster_ip("regkill-after")
         eventually(lambda: answers(new_vip, 8080), timeout=60)
         time.sleep(1)
-    finally:
-        traffic.stop.set()
-        for t in threads:
-            t.join(timeout=30)
     after = balancing_entries(pins)
     log = lb.agent_log(node)[log_start:]
     print(

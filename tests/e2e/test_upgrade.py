@@ -53,9 +53,8 @@ def test_agent_upgrade_to_another_map_layout_under_traffic(
             name = f"while-down{n}"
             add_web(lb, name, f"{name}-pod")
             traffic = Traffic(ns, vip, 80)
-            threads = traffic.start()
             started = time.monotonic()
-            try:
+            with traffic.running():
                 time.sleep(1)
                 lb.stop_agent(node, signal.SIGKILL)
                 lb.apply(service(name, name, port=8080))
@@ -65,10 +64,6 @@ def test_agent_upgrade_to_another_map_layout_under_traffic(
                 )
                 eventually(lambda: answers(lb.cluster_ip(name), 8080), timeout=60)
                 time.sleep(1)
-            finally:
-                traffic.stop.set()
-                for t in threads:
-                    t.join(timeout=30)
             assert traffic.failures == []
             assert traffic.long_requests > 50 and traffic.new_connections > 50
             return traffic, time.monotonic() - started, vm_hwm_kb(agent.pid)
