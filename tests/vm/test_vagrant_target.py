@@ -94,7 +94,10 @@ def fakes(tmp_path: Path) -> Fakes:
 def target(fakes: Fakes, tmp_path: Path) -> Iterator[VagrantTarget]:
     t = fakes.target(tmp_path)
     fakes.clear()
-    yield t
+    try:
+        yield t
+    finally:
+        t.close()  # removes its temp dir (and, through the fakes, what the test applied)
 
 
 def test_nodes_come_from_the_running_node_vms_env_files(fakes: Fakes, tmp_path: Path) -> None:
