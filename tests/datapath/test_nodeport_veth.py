@@ -18,79 +18,9 @@ from ebpflb.datapath.programmer import Backend, Frontend
 from ebpflb.datapath.structs import IF_F_NO_XDP_TX, IF_F_PARTIAL_CSUM
 from tests.datapath import netns
 from tests.datapath.conftest import Lab, skip_reason
+from tests.datapath.scripts import CLIENT, SERVER
 
 pytestmark = pytest.mark.datapath
-
-# Echoes what it got after a line with the address it came from.
-WHOAMI = """
-import socket, sys, threading, time
-def serve(c, peer):
-    with c:
-        data = b""
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            data += d
-        c.sendall(peer.encode() + b"\\n" + data)
-def tcp(port):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(64)
-    while True:
-        c, a = s.accept()
-        threading.Thread(target=serve, args=(c, a[0]), daemon=True).start()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
-    while True:
-        d, a = s.recvfrom(65536)
-        s.sendto(a[0].encode() + b"\\n" + d, a)
-for spec in sys.argv[1:]:
-    kind, port = spec.split(":")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(port),), daemon=True).start()
-time.sleep(0.3)
-print("ready")
-while True:
-    time.sleep(3600)
-"""
-
-CLIENT = """
-import json, socket, sys, time
-def run(kind, host, port, size):
-    t = time.monotonic()
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    peer = None
-    try:
-        if kind == "tcp":
-            with socket.create_connection((host, port), timeout=3) as s:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-                got = b""
-                while True:
-                    d = s.recv(65536)
-                    if not d:
-                        break
-                    got += d
-        else:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(3)
-                s.connect((host, port))
-                s.send(data)
-                got = s.recv(65536)
-        peer, _, echoed = got.partition(b"\\n")
-        peer = peer.decode()
-        r = "ok" if echoed == data else "mismatch %d/%d" % (len(echoed), len(data))
-    except ConnectionRefusedError:
-        r = "refused"
-    except ConnectionResetError:
-        r = "reset"
-    except socket.timeout:
-        r = "timeout"
-    return {"result": r, "peer": peer, "seconds": time.monotonic() - t}
-print(json.dumps([run(*c) for c in json.loads(sys.argv[1])]))
-"""
 
 NODE_IP = netns.Lan.node_ip(0)
 LOCAL, REMOTE = "10.244.0.21", "10.244.1.21"
@@ -138,13 +68,13 @@ def pass_xdp() -> Iterator[Any]:
 @pytest.fixture
 def cluster(lab: Lab) -> Iterator[netns.Lan]:
     """Two nodes and the client; pod b (10.244.0.21) on node 0, pod r (10.244.1.21) on node 1,
-    each running WHOAMI; the datapath on node 0 only (node 1 is a plain router here)."""
+    each running the whoami SERVER; the datapath on node 0 only (node 1 is a plain router here)."""
     with netns.lan(2) as lan:
         n0, n1 = lan.nodes
         b = n0.add_pod("b", 21)
         n1.add_pod("r", 21)
-        n0.start("b", WHOAMI, "tcp:8080", "udp:5353")
-        n1.start("r", WHOAMI, "tcp:8080", "udp:5353")
+        n0.start("b", SERVER, "whoami", "tcp:8080", "udp:5353")
+        n1.start("r", SERVER, "whoami", "tcp:8080", "udp:5353")
         with netns.inside(n0.ns):
             for direction in ("ingress", "egress"):
                 lab.dp.attach(n0.ifindex(b.host_veth), direction)
@@ -164,7 +94,8 @@ def cluster(lab: Lab) -> Iterator[netns.Lan]:
 
 
 def run_checks(lan: netns.Lan) -> None:
-    results = json.loads(lan.python(lan.client, CLIENT, json.dumps([c[0] for c in CHECKS])))
+    checks = json.dumps([c[0] for c in CHECKS])
+    results = json.loads(lan.python(lan.client, CLIENT, "whoami", checks))
     for (check, want, peer), got in zip(CHECKS, results, strict=True):
         assert got["result"] == want, (check, got)
         if want == "refused":

@@ -13,75 +13,11 @@ from ebpflb.datapath.programmer import Backend, Frontend
 from tests.datapath import netns
 from tests.datapath import packets as P
 from tests.datapath.conftest import Lab
+from tests.datapath.scripts import CLIENT, SERVER
 
 pytestmark = pytest.mark.datapath
 
 VIP = "10.96.0.10"
-
-SERVER = """
-import socket, sys, threading, time
-def echo(c):
-    with c:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                return
-            c.sendall(d)
-def tcp(port):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(64)
-    while True:
-        c, _ = s.accept()
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
-    while True:
-        d, a = s.recvfrom(65536)
-        s.sendto(d, a)
-for spec in sys.argv[1:]:
-    kind, port = spec.split(":")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(port),), daemon=True).start()
-time.sleep(0.3)
-print("ready")
-while True:
-    time.sleep(3600)
-"""
-
-CLIENT = """
-import json, socket, sys, time
-def run(kind, host, port, size):
-    t = time.monotonic()
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    try:
-        if kind == "tcp":
-            with socket.create_connection((host, port), timeout=3) as s:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-                got = b""
-                while True:
-                    d = s.recv(65536)
-                    if not d:
-                        break
-                    got += d
-        else:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(3)
-                s.connect((host, port))
-                s.send(data)
-                got = s.recv(65536)
-        r = "ok" if got == data else "mismatch %d/%d" % (len(got), len(data))
-    except ConnectionRefusedError:
-        r = "refused"
-    except ConnectionResetError:
-        r = "reset"
-    except socket.timeout:
-        r = "timeout"
-    return {"result": r, "seconds": time.monotonic() - t}
-print(json.dumps([run(*c) for c in json.loads(sys.argv[1])]))
-"""
 
 HOLD = """
 import socket, sys
@@ -143,8 +79,8 @@ def test_sockets_through_the_vip(lab: Lab, node: netns.Node, offload: bool) -> N
     if not offload:
         node.set_checksum_offload(False)
     lab.sync(*frontends(node))
-    node.start("b", SERVER, "tcp:8080", "udp:5353")
-    node.start("a", SERVER, "tcp:8082")
+    node.start("b", SERVER, "echo", "tcp:8080", "udp:5353")
+    node.start("a", SERVER, "echo", "tcp:8082")
     checks = [
         ("tcp", VIP, 80, 100),
         ("tcp", VIP, 80, 300_000),  # GSO segments both ways
@@ -154,7 +90,7 @@ def test_sockets_through_the_vip(lab: Lab, node: netns.Node, offload: bool) -> N
         ("udp", VIP, 54, 10),
         ("tcp", VIP, 82, 1000),
     ]
-    results = json.loads(node.python("a", CLIENT, json.dumps(checks)))
+    results = json.loads(node.python("a", CLIENT, "echo", json.dumps(checks)))
     got = [r["result"] for r in results]
     assert got == ["ok", "ok", "refused", "ok", "ok", "refused", "ok"], results
     for check, r in zip(checks, results, strict=True):
@@ -167,7 +103,7 @@ def test_sockets_through_the_vip(lab: Lab, node: netns.Node, offload: bool) -> N
 
 def test_flow_whose_backend_leaves_is_reset(lab: Lab, node: netns.Node) -> None:
     lab.sync(*frontends(node))
-    node.start("b", SERVER, "tcp:8080")
+    node.start("b", SERVER, "echo", "tcp:8080")
     client = node.start("a", HOLD, VIP, "80")  # returns once connected
     lab.sync(*frontends(node, port80="b:8081"))  # nothing listens there: it answers RST
     assert client.stdin is not None and client.stdout is not None
