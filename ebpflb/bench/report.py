@@ -298,6 +298,16 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
 
 
+def _axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Both plots: Service count on a log scale against a figure from 0."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(results: Mapping[str, Any], path: Path) -> str | None:
     """Connection rate and per-packet cost against Service count; None when written, else why
     not (matplotlib is optional)."""
@@ -320,12 +330,12 @@ def plot(results: Mapping[str, Any], path: Path) -> str | None:
                 ys.append(v)
         if xs:
             ax1.plot(xs, ys, marker="o", label=mode)
-    ax1.set_xscale("log")
-    ax1.set_xlabel("Services installed")
-    ax1.set_ylabel("new connections per second")
-    ax1.set_title("Connection rate (one request per connection)")
-    ax1.set_ylim(bottom=0)
-    ax1.grid(True, which="both", alpha=0.3)
+    _axes(
+        ax1,
+        "Services installed",
+        "new connections per second",
+        "Connection rate (one request per connection)",
+    )
     if summary:
         ax1.legend()
     median = results.get("perpacket", {}).get("median", {})
@@ -335,12 +345,7 @@ def plot(results: Mapping[str, Any], path: Path) -> str | None:
         ys = [median[c][p] for c in counts if p in median[c]]
         if xs:
             ax2.plot(xs, ys, marker="o", label=f"ebpflb: {p}")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("Services in the maps")
-    ax2.set_ylabel("ns per packet")
-    ax2.set_title("Per-packet cost (BPF_PROG_TEST_RUN)")
-    ax2.set_ylim(bottom=0)
-    ax2.grid(True, which="both", alpha=0.3)
+    _axes(ax2, "Services in the maps", "ns per packet", "Per-packet cost (BPF_PROG_TEST_RUN)")
     if counts:
         ax2.legend()
     else:
