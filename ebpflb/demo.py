@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 import sys
 import time
@@ -10,7 +9,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from ebpflb.cluster import Node, Pod
+from ebpflb.cluster import Node, Pod, tcp_request
 from ebpflb.cluster.netns import Netns
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.harness import LbCluster, eventually, remove_cluster
@@ -51,14 +50,7 @@ def http_get(ns: Netns, ip: str, port: int) -> tuple[str, float]:
 
 def who(ns: Netns, ip: str, port: int) -> tuple[str, str]:
     """Ask a who-am-I server: (its pod, the client address it saw)."""
-    with ns.socket() as s:
-        s.settimeout(5)
-        s.connect((ip, port))
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(4096):
-            data += chunk
-    name, peer = data.decode().split()[:2]
+    name, peer = tcp_request(ns, ip, port, b"").split()[:2]
     return name, peer.rsplit(":", 1)[0]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ebpflb.cluster import Pod, Server
+from ebpflb.cluster import Pod, Server, tcp_request
 from ebpflb.harness import EBPFLB, LbCluster, eventually, until
 from ebpflb.objects import Key
 
@@ -78,14 +78,7 @@ class Env:
 
     def tcp(self, ip: str, port: int, client: Pod | None = None, timeout: float = 3.0) -> str:
         ns = self.lb.cluster.ns(client or self.client)
-        with ns.socket() as s:
-            s.settimeout(timeout)
-            s.connect((ip, port))
-            s.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return data.decode().strip()
+        return tcp_request(ns, ip, port, b"", timeout=timeout).strip()
 
     def udp_ask(
         self, ip: str, port: int, source_port: int = 0, timeout: float = 2.0

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ebpflb.cluster import Pod
+from ebpflb.cluster import ClientError, Pod, tcp_request
 from ebpflb.cluster.netns import Netns
 from ebpflb.harness import LbCluster, eventually, until
 from ebpflb.objects import Key
@@ -72,14 +72,7 @@ class Env:
 
     def ask(self, ns: Netns, ip: str, port: int, timeout: float = 3.0) -> str:
         """A TCP request to the who-am-I server: '<pod> <peer ip>:<peer port>'."""
-        with ns.socket() as s:
-            s.settimeout(timeout)
-            s.connect((ip, port))
-            s.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return data.decode().strip()
+        return tcp_request(ns, ip, port, b"", timeout=timeout).strip()
 
     def from_pod(self, node: int, ip: str, port: int) -> str:
         return self.ask(self.lb.cluster.ns(self.clients[node]), ip, port)
@@ -190,7 +183,7 @@ def _answers(env: Env, ip: str, port: int) -> bool:
     try:
         env.from_outside(ip, port)
         return True
-    except OSError:
+    except ClientError:
         return False
 
 
