@@ -135,6 +135,15 @@ def ones_sum(data: bytes) -> int:
     return total
 
 
+def set_tot_len(frame: bytes, tot_len: int) -> bytes:
+    """frame with the IP total length changed and the header checksum made right again."""
+    b = bytearray(frame)
+    struct.pack_into("!H", b, 16, tot_len)
+    struct.pack_into("!H", b, 24, 0)
+    struct.pack_into("!H", b, 24, 0xFFFF - ones_sum(bytes(b[14 : 14 + ihl(frame)])))
+    return bytes(b)
+
+
 def check_checksums(frame: bytes) -> None:
     """Assert the IPv4 header checksum and the TCP/UDP/ICMP checksum are right."""
     assert frame[12:14] == b"\x08\x00", "not IPv4"

@@ -484,17 +484,9 @@ def test_no_match_passes_untouched(ext: Ext, hook: str, frame: bytes, counter: s
     assert not ext.lab.dp.maps.conntrack.items()
 
 
-def _set_tot_len(frame: bytes, tot_len: int) -> bytes:
-    b = bytearray(frame)
-    struct.pack_into("!H", b, 16, tot_len)
-    struct.pack_into("!H", b, 24, 0)
-    struct.pack_into("!H", b, 24, 0xFFFF - P.ones_sum(bytes(b[14 : 14 + P.ihl(frame)])))
-    return bytes(b)
-
-
 WHOLE = (("tcp", tcp_in(30081, payload=b"")), ("udp", udp_in(30054, payload=b"")))
 TRUNCATED = [(f"{name}-{n}", whole[:n]) for name, whole in WHOLE for n in range(len(whole))] + [
-    (f"{name}-tot-len-{n - 14}", _set_tot_len(whole[:n], n - 14))
+    (f"{name}-tot-len-{n - 14}", P.set_tot_len(whole[:n], n - 14))
     for name, whole in WHOLE
     for n in range(34, len(whole))
 ]
