@@ -15,6 +15,7 @@ import pytest
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.layout import LAYOUT_PIN, LAYOUT_V0, StructLayout, read_pinned
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins, staging_dir
+from ebpflb.datapath.maps import PerCpuArray
 from ebpflb.datapath.migrate import converter
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.datapath.structs import CT_REVERSE, be16_to_port, ip_to_be32, port_to_be16
@@ -112,24 +113,13 @@ def as_format_0(pin_dir: Path) -> None:
             if info.value_size == size:
                 continue
             assert info.type == _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY and info.value_size > size
-            ncpus = _libbpf.possible_cpus()
-            old_stride, new_stride = (info.value_size + 7) // 8 * 8, (size + 7) // 8 * 8
             new_fd = _libbpf.map_create(info.type, name, 4, size, info.max_entries)
             try:
+                grown = PerCpuArray(fd, ctypes.c_uint8 * info.value_size, name)
+                shrunk = PerCpuArray(new_fd, ctypes.c_uint8 * size, name)
                 for index in range(info.max_entries):
-                    key = ctypes.c_uint32(index)
-                    buf = ctypes.create_string_buffer(old_stride * ncpus)
-                    _libbpf.check(
-                        _libbpf.lib().bpf_map_lookup_elem(fd, ctypes.byref(key), buf), "lookup"
-                    )
-                    out = b"".join(
-                        buf.raw[i * old_stride : i * old_stride + size].ljust(new_stride, b"\0")
-                        for i in range(ncpus)
-                    )
-                    _libbpf.check(
-                        _libbpf.lib().bpf_map_update_elem(new_fd, ctypes.byref(key), out, 0),
-                        "update",
-                    )
+                    values = grown.lookup_percpu(index)
+                    shrunk.update_percpu(index, [shrunk.value_type(*v[:size]) for v in values])
                 _libbpf.pin_replace(new_fd, path)
             finally:
                 os.close(new_fd)
