@@ -28,6 +28,9 @@
 #ifndef LB_MAX_AFFINITY
 #define LB_MAX_AFFINITY 65536
 #endif
+#ifndef LB_MAX_SOCK_REVNAT
+#define LB_MAX_SOCK_REVNAT 131072 /* sockets translated by the socket-level programs */
+#endif
 
 /* Connection lifetimes in seconds, like the kernel's conntrack (and Cilium's). */
 #ifndef LB_CT_LIFETIME_TCP

@@ -13,6 +13,11 @@
  *   nodeport_xdp: XDP (native or generic), the fast path.
  *   nodeport_tc: tc ingress; alone where XDP is not wanted, and behind XDP
  *     for what XDP leaves to it (see xdp.h).
+ *
+ * A cgroup (v2) of the node's processes, when socket-level load balancing is
+ * on (sock.h): frontends translated per system call, not per packet.
+ *   sock_connect4, sock_sendmsg4: a frontend becomes a backend.
+ *   sock_peername4, sock_recvmsg4: the backend reads as the frontend again.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -28,6 +33,7 @@
 #include "nodeport.h"
 #include "tc.h"
 #include "xdp.h"
+#include "sock.h"
 
 /* Count why a packet was not parsed and let it go on unchanged. */
 static __always_inline int lb_pass_unparsed(struct lb_counters *c, int parsed,
@@ -113,4 +119,32 @@ int nodeport_xdp(struct xdp_md *ctx)
 	cfg = lb_node_config_get();
 	act = lb_external(&p, cfg, &n, c);
 	return lb_xdp_act(ctx, act, &p, &n, cfg, c);
+}
+
+/* cgroup/connect4 (TCP, connected UDP). 1: the call goes on (never refused here). */
+int sock_connect4(struct bpf_sock_addr *ctx)
+{
+	lb_sock_forward(ctx, lb_counters_get());
+	return 1;
+}
+
+/* cgroup/sendmsg4: a datagram of an unconnected UDP socket. */
+int sock_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	lb_sock_forward(ctx, lb_counters_get());
+	return 1;
+}
+
+/* cgroup/getpeername4 (the name is short enough for the kernel's 15 characters). */
+int sock_peername4(struct bpf_sock_addr *ctx)
+{
+	lb_sock_reverse(ctx, lb_counters_get());
+	return 1;
+}
+
+/* cgroup/recvmsg4: the source of a datagram read by an unconnected UDP socket. */
+int sock_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	lb_sock_reverse(ctx, lb_counters_get());
+	return 1;
 }

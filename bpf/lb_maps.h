@@ -64,4 +64,12 @@ BPF_TABLE_PINNED("array", __u32, struct lb_node_config, node_config, 1,
 /* Id allocator state for the agent (see struct lb_id_state); one entry. */
 BPF_TABLE_PINNED("array", __u32, struct lb_id_state, id_state, 1, LB_PIN_DIR "/id_state");
 
+/* Socket-level load balancing (sock.h): (socket cookie, backend) -> the VIP
+ * the process asked for, written when a connect or a datagram is translated,
+ * read when the process asks for its peer or a datagram's source. Full: LRU
+ * evicts the least recently used socket, which then sees the backend's
+ * address as its peer. */
+BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_value, sock_revnat,
+		 LB_MAX_SOCK_REVNAT, LB_PIN_DIR "/sock_revnat");
+
 #endif /* LB_MAPS_H */

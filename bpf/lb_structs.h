@@ -134,6 +134,9 @@ struct lb_counters {
 	__u64 ct_created; /* flows balanced anew and written (both entries): new, expired, moved */
 	__u64 ct_lost;	  /* TCP packets without SYN to a frontend that found no forward entry:
 			   * flows that lost it (LRU eviction of a full map, or collected) */
+	/* socket-level load balancing (sock.h): per system call, not per packet */
+	__u64 sock_xlate;  /* connects and datagrams sent to a frontend, given a backend */
+	__u64 sock_revnat; /* peers and datagram sources written back from a backend to the VIP */
 };
 
 /* node_config: this node's settings, written by the agent (one entry). */
@@ -161,6 +164,23 @@ struct lb_node_config {
 struct lb_id_state {
 	__u32 next_svc_id;     /* next service id to hand out (ids start at 1) */
 	__u32 next_backend_id; /* next backend id to hand out (ids start at 1) */
+};
+
+/* sock_revnat: what a translated socket must be told about its peer. Keyed by
+ * the socket and the backend it was given (an unconnected UDP socket may be
+ * given several: one per VIP it sends to). */
+struct lb_sock_key {
+	__u64 cookie; /* bpf_get_socket_cookie(): unique per socket while the system runs */
+	__be32 addr;  /* backend address */
+	__be16 port;  /* backend port */
+	__u8 proto;   /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;     /* always 0 */
+};
+
+struct lb_sock_value {
+	__be32 vip;  /* frontend address the process asked for */
+	__be16 port; /* frontend port */
+	__u16 pad;   /* always 0 */
 };
 
 #endif /* LB_STRUCTS_H */

@@ -111,6 +111,16 @@ class XdpAttachOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", c_int), ("_end", c_int)]
 
 
+class ProgAttachOpts(ctypes.Structure):
+    """struct bpf_prog_attach_opts of libbpf 1.1 (later versions only add fields)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", c_uint32), ("replace_prog_fd", c_int)]
+
+
+BPF_F_ALLOW_MULTI = 1 << 1
+BPF_F_REPLACE = 1 << 2
+
+
 class BpfError(OSError):
     """A libbpf call failed; errno says why."""
 
@@ -132,6 +142,16 @@ def lib() -> ctypes.CDLL:
         "bpf_xdp_detach": [c_int, c_uint32, c_void_p],
         "bpf_xdp_query_id": [c_int, c_int, POINTER(c_uint32)],
         "bpf_prog_get_fd_by_id": [c_uint32],
+        "bpf_prog_attach_opts": [c_int, c_int, c_uint32, POINTER(ProgAttachOpts)],
+        "bpf_prog_detach2": [c_int, c_int, c_uint32],
+        "bpf_prog_query": [
+            c_int,
+            c_uint32,
+            c_uint32,
+            POINTER(c_uint32),
+            POINTER(c_uint32),
+            POINTER(c_uint32),
+        ],
         "bpf_map_create": [c_int, c_char_p, c_uint32, c_uint32, c_uint32, c_void_p],
         "bpf_map_update_batch": [c_int, c_void_p, c_void_p, POINTER(c_uint32), c_void_p],
         "bpf_map_delete_batch": [c_int, c_void_p, POINTER(c_uint32), c_void_p],
@@ -233,6 +253,45 @@ def prog_fd_by_id(prog_id: int) -> int:
     return check(lib().bpf_prog_get_fd_by_id(prog_id), f"program {prog_id}")
 
 
+def cgroup_attach(cgroup_fd: int, prog_fd: int, attach_type: int, replace_fd: int = -1) -> None:
+    """Attach a program to a cgroup's hook beside others (BPF_F_ALLOW_MULTI); with replace_fd,
+    in place of that program, in one step (fails if it is no longer attached there)."""
+    flags = BPF_F_ALLOW_MULTI | (BPF_F_REPLACE if replace_fd >= 0 else 0)
+    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts), flags=flags, replace_prog_fd=replace_fd)
+    ret = lib().bpf_prog_attach_opts(prog_fd, cgroup_fd, attach_type, ctypes.byref(opts))
+    check(ret, f"attaching to a cgroup (attach type {attach_type})")
+
+
+def cgroup_detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
+    check(
+        lib().bpf_prog_detach2(prog_fd, cgroup_fd, attach_type),
+        f"detaching from a cgroup (attach type {attach_type})",
+    )
+
+
+def cgroup_prog_ids(cgroup_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached to the cgroup itself at that hook (not inherited ones)."""
+    ids = (c_uint32 * 64)()
+    count = c_uint32(len(ids))
+    flags = c_uint32(0)
+    ret = lib().bpf_prog_query(
+        cgroup_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
+    )
+    check(ret, f"querying a cgroup (attach type {attach_type})")
+    return list(ids[: count.value])
+
+
+def prog_name(prog_id: int) -> str | None:
+    """Name of the program with that id, None if it is gone."""
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        return prog_info(fd).name.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def prog_info(fd: int) -> ProgInfo:
     info = ProgInfo()
     size = c_uint32(ctypes.sizeof(info))
@@ -243,15 +302,7 @@ def prog_info(fd: int) -> ProgInfo:
 def xdp_prog_name(ifindex: int, flags: int) -> str | None:
     """Name of the XDP program attached to ifindex in that mode, None if there is none."""
     prog_id = xdp_prog_id(ifindex, flags)
-    if not prog_id:
-        return None
-    fd = lib().bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        return None  # detached meanwhile
-    try:
-        return prog_info(fd).name.decode(errors="replace")
-    finally:
-        os.close(fd)
+    return prog_name(prog_id) if prog_id else None
 
 
 @cache

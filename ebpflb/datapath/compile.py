@@ -19,8 +19,24 @@ from ebpflb.datapath.maps import MAP_SPECS
 
 MISMATCH = 3  # exit status: the pinned maps' layout is not what was compiled
 
-# Pinned programs: name -> bcc program type (SCHED_CLS 3, XDP 6).
-PROGRAM_TYPES = {"from_pod": 3, "to_pod": 3, "nodeport_tc": 3, "nodeport_xdp": 6}
+SCHED_CLS, XDP, CGROUP_SOCK_ADDR = 3, 6, 18  # bcc's BPF.<program type>
+# The cgroup hook (enum bpf_attach_type) of each socket-level program, fixed at load.
+CGROUP_INET4_CONNECT, CGROUP_UDP4_SENDMSG, CGROUP_UDP4_RECVMSG = 10, 14, 19
+CGROUP_INET4_GETPEERNAME = 29
+SOCK_ATTACH_TYPES = {
+    "sock_connect4": CGROUP_INET4_CONNECT,
+    "sock_sendmsg4": CGROUP_UDP4_SENDMSG,
+    "sock_peername4": CGROUP_INET4_GETPEERNAME,
+    "sock_recvmsg4": CGROUP_UDP4_RECVMSG,
+}
+# Pinned programs: name -> program type.
+PROGRAM_TYPES = {
+    "from_pod": SCHED_CLS,
+    "to_pod": SCHED_CLS,
+    "nodeport_tc": SCHED_CLS,
+    "nodeport_xdp": XDP,
+    **dict.fromkeys(SOCK_ATTACH_TYPES, CGROUP_SOCK_ADDR),
+}
 
 
 def compiled_layout(bpf: Any) -> layout.Layout:
@@ -59,7 +75,8 @@ def compile_and_pin(
                 (target / name).unlink(missing_ok=True)
             return None
         for name, prog_type in PROGRAM_TYPES.items():
-            fn = bpf.load_func(name.encode(), prog_type)
+            attach_type = SOCK_ATTACH_TYPES.get(name, -1)
+            fn = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             _libbpf.pin_replace(fn.fd, target / name)
         if expect is None or not (target / layout.LAYOUT_PIN).exists():
             layout.pin_layout(target / layout.LAYOUT_PIN, compiled)

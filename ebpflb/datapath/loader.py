@@ -4,6 +4,7 @@ interfaces (XDP or tc). The calling process never loads bcc or LLVM."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -13,7 +14,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 
 from ebpflb.datapath import _libbpf, ifaces, layout, node
-from ebpflb.datapath.compile import MISMATCH, PROGRAM_TYPES
+from ebpflb.datapath.compile import MISMATCH, PROGRAM_TYPES, SOCK_ATTACH_TYPES
 from ebpflb.datapath.compile import request as compile_request
 from ebpflb.datapath.conntrack import GcStats, collect
 from ebpflb.datapath.maps import MAP_SPECS, LbMaps, MapTypes
@@ -93,6 +94,7 @@ class DatapathConfig:
     max_service_backends: int = 262144
     max_conntrack: int = 262144
     max_affinity: int = 65536
+    max_sock_revnat: int = 131072  # sockets the socket-level programs translated
     ct_lifetime_tcp: int = 21600  # seconds, established TCP
     ct_lifetime_syn: int = 60  # seconds, TCP before the client's first non-SYN
     ct_lifetime_close: int = 10  # seconds, TCP after FIN or RST
@@ -112,6 +114,7 @@ class DatapathConfig:
             "counters": 1,
             "id_state": 1,
             "node_config": 1,
+            "sock_revnat": self.max_sock_revnat,
         }[map_name]
 
     def cflags(self, pin_dir: Path) -> list[str]:
@@ -125,6 +128,7 @@ class DatapathConfig:
             "LB_MAX_SERVICE_BACKENDS": self.max_service_backends,
             "LB_MAX_CONNTRACK": self.max_conntrack,
             "LB_MAX_AFFINITY": self.max_affinity,
+            "LB_MAX_SOCK_REVNAT": self.max_sock_revnat,
             "LB_CT_LIFETIME_TCP": self.ct_lifetime_tcp,
             "LB_CT_LIFETIME_SYN": self.ct_lifetime_syn,
             "LB_CT_LIFETIME_CLOSE": self.ct_lifetime_close,
@@ -316,6 +320,32 @@ def remove_pins(pin_dir: str | os.PathLike[str]) -> None:
         log.warning("pin directory %s not removed: %s", d, e)
 
 
+@contextlib.contextmanager
+def _cgroup_fd(path: Path) -> Iterator[int]:
+    """An fd of the cgroup v2 directory at path (what BPF_PROG_ATTACH takes)."""
+    if _fs_type(path) != "cgroup2":
+        raise DatapathError(f"{path} is not a cgroup v2 directory")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _detach_cgroup_program(cgroup_fd: int, prog_id: int, attach_type: int) -> None:
+    try:
+        fd = _libbpf.prog_fd_by_id(prog_id)
+    except _libbpf.BpfError:
+        return  # gone meanwhile
+    try:
+        _libbpf.cgroup_detach(cgroup_fd, fd, attach_type)
+    except _libbpf.BpfError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    finally:
+        os.close(fd)
+
+
 class Datapath:
     """One loaded instance of the datapath: programs, maps pinned under pin_dir, attachments.
 
@@ -382,6 +412,7 @@ class Datapath:
             raise
         self._attached: set[tuple[int, Direction]] = set()
         self._external: dict[int, ExternalMode] = {}
+        self._cgroups: set[Path] = set()
         self._closed = False
         if self._migration and not defer_migration:
             try:
@@ -639,6 +670,54 @@ class Datapath:
         """External interfaces this instance attached to, and their modes."""
         return dict(self._external)
 
+    # -- socket-level load balancing (cgroups) ------------------------------
+
+    def attach_cgroup(self, path: str | os.PathLike[str]) -> None:
+        """Socket-level load balancing for every process in the cgroup (v2) at path and in
+        its descendants: the sock_* programs (bpf/sock.h) at its connect4, sendmsg4,
+        getpeername4 and recvmsg4 hooks, beside other programs there (BPF_F_ALLOW_MULTI).
+        A program of ours already there (an earlier agent's, or an older version's) is
+        replaced in one step, so a restart or an upgrade never leaves the hook empty; the
+        attachments outlive this process, like the tc ones."""
+        where = Path(path)
+        with _cgroup_fd(where) as fd:
+            for name, attach_type in SOCK_ATTACH_TYPES.items():
+                prog_fd = self._progs[name]
+                mine = _libbpf.prog_info(prog_fd).id
+                ours = [
+                    i
+                    for i in _libbpf.cgroup_prog_ids(fd, attach_type)
+                    if _libbpf.prog_name(i) == name
+                ]
+                if mine in ours:
+                    ours.remove(mine)
+                elif ours:
+                    old_fd = _libbpf.prog_fd_by_id(ours.pop(0))
+                    try:
+                        _libbpf.cgroup_attach(fd, prog_fd, attach_type, replace_fd=old_fd)
+                    finally:
+                        os.close(old_fd)
+                else:
+                    _libbpf.cgroup_attach(fd, prog_fd, attach_type)
+                for stale in ours:  # never made by one agent; left by two at once
+                    _detach_cgroup_program(fd, stale, attach_type)
+        self._cgroups.add(where)
+        log.info("socket-level load balancing for the processes of cgroup %s", where)
+
+    def detach_cgroup(self, path: str | os.PathLike[str]) -> None:
+        """Take our socket-level programs off the cgroup (any of ours found there)."""
+        where = Path(path)
+        with _cgroup_fd(where) as fd:
+            for name, attach_type in SOCK_ATTACH_TYPES.items():
+                for prog_id in _libbpf.cgroup_prog_ids(fd, attach_type):
+                    if _libbpf.prog_name(prog_id) == name:
+                        _detach_cgroup_program(fd, prog_id, attach_type)
+        self._cgroups.discard(where)
+
+    @property
+    def cgroups(self) -> frozenset[Path]:
+        return frozenset(self._cgroups)
+
     # -- reading and cleaning up --------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -666,6 +745,11 @@ class Datapath:
                         self.detach_external(ifindex)
                     except Exception as e:
                         log.warning("detach from external %s failed: %s", ifindex, e)
+                for cgroup in sorted(self._cgroups):
+                    try:
+                        self.detach_cgroup(cgroup)
+                    except Exception as e:
+                        log.warning("detach from cgroup %s failed: %s", cgroup, e)
         finally:
             self.maps.close()
             self._close_programs()

@@ -26,6 +26,8 @@ from ebpflb.datapath.structs import (
     MemberKey,
     NodeConfig,
     SlotKey,
+    SockKey,
+    SockValue,
     SvcKey,
     SvcValue,
 )
@@ -298,6 +300,7 @@ MAP_SPECS = (
     MapSpec("counters", _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, U32, Counters),
     MapSpec("id_state", _libbpf.BPF_MAP_TYPE_ARRAY, U32, IdState),
     MapSpec("node_config", _libbpf.BPF_MAP_TYPE_ARRAY, U32, NodeConfig),
+    MapSpec("sock_revnat", _libbpf.BPF_MAP_TYPE_LRU_HASH, SockKey, SockValue),
 )
 
 
@@ -313,6 +316,7 @@ class LbMaps:
     affinity: MapLike[AffinityKey, AffinityValue]
     id_state: MapLike[U32, IdState]
     node_config: MapLike[U32, NodeConfig]
+    sock_revnat: MapLike[SockKey, SockValue]
     counters: PerCpuArray[Counters] | None = None
 
     @classmethod
@@ -353,6 +357,7 @@ class LbMaps:
             self.affinity,
             self.id_state,
             self.node_config,
+            self.sock_revnat,
             self.counters,
         ]
 

@@ -176,6 +176,32 @@ class AffinityValue(ctypes.Structure):
     _fields_ = [("last_used", c_uint64), ("backend_id", c_uint32), ("pad", c_uint32)]
 
 
+class SockKey(ctypes.Structure):
+    """Must match struct lb_sock_key in bpf/lb_structs.h."""
+
+    cookie: int
+    addr: int
+    port: int
+    proto: int
+    pad: int
+    _fields_ = [
+        ("cookie", c_uint64),
+        ("addr", c_uint32),
+        ("port", c_uint16),
+        ("proto", c_uint8),
+        ("pad", c_uint8),
+    ]
+
+
+class SockValue(ctypes.Structure):
+    """Must match struct lb_sock_value in bpf/lb_structs.h."""
+
+    vip: int
+    port: int
+    pad: int
+    _fields_ = [("vip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+
 COUNTER_FIELDS = (
     "packets",
     "passed",
@@ -203,6 +229,8 @@ COUNTER_FIELDS = (
     "fib_fail",
     "ct_created",
     "ct_lost",
+    "sock_xlate",
+    "sock_revnat",
 )
 
 
