@@ -613,6 +613,14 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "migrated at start, flows kept (bpf/README.md: sizing)",
     )
     p.add_argument(
+        "--socket-lb-cgroup",
+        default="",
+        metavar="DIR",
+        help="socket-level load balancing for the processes of this cgroup v2 directory and "
+        "its descendants (e.g. the node's pods): a Service is translated to a backend at "
+        "connect() and sendto(), not per packet (bpf/README.md: socket-level)",
+    )
+    p.add_argument(
         "--cleanup",
         action="store_true",
         help="on exit, detach the programs and remove the pinned maps "
@@ -643,6 +651,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             cleanup=args.cleanup,
             tls=tls,
             max_conntrack=args.max_conntrack,
+            socket_lb_cgroup=args.socket_lb_cgroup,
         )
     )
     return 0

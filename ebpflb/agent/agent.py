@@ -46,6 +46,7 @@ class AgentConfig:
     gc_interval: float = 10.0
     resync_interval: float = 300.0  # a full mark-and-sweep of the maps this often (safety net)
     max_conntrack: int = DatapathConfig.max_conntrack  # entries; a change is migrated
+    socket_lb_cgroup: str = ""  # a cgroup v2 directory: socket-level LB for its processes
 
     @property
     def pins(self) -> str:
@@ -153,8 +154,11 @@ class Agent:
                 log.info("NodePort on %s (%s) for %s", name, chosen, ", ".join(self.node_ips))
 
     def start_attaching(self) -> None:
-        """NodePort on the external interfaces, our programs on every pod veth."""
+        """NodePort on the external interfaces, socket-level load balancing for the cgroup
+        asked for, our programs on every pod veth."""
         self.attach_external()
+        if self.cfg.socket_lb_cgroup:
+            self.datapath.attach_cgroup(self.cfg.socket_lb_cgroup)
         self.ports.start()
 
     def register_node(self) -> None:

@@ -6,8 +6,13 @@ import ipaddress
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-MODES = ("direct", "ebpflb", "iptables-legacy", "iptables-nft", "nftables")
-"""Every way of reaching the Services the benchmark knows, in the order rounds take them."""
+MODES = ("direct", "ebpflb", "ebpflb-tc", "iptables-legacy", "iptables-nft", "nftables")
+"""Every way of reaching the Services the benchmark knows, in the order rounds take them.
+ebpflb: the agent with socket-level load balancing for the node's pods (a Service is
+translated at connect(), the tc programs stay attached for everything else); ebpflb-tc: the
+tc programs alone (every packet of a flow DNATed and reverse-NATed)."""
+EBPFLB_MODES = {"ebpflb": True, "ebpflb-tc": False}
+"""ebpflb's modes: whether socket-level load balancing is on."""
 NETFILTER_MODES = ("iptables-legacy", "iptables-nft", "nftables")
 PARTS = ("perpacket", "control", "dataplane")
 """The benchmark's parts, in the order they run."""

@@ -153,27 +153,33 @@ def control_table(control: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def live_table(live: Mapping[str, Any]) -> str:
-    """ns per run of each program during a connection-rate run, and runs per connection."""
+    """ns per run of each program during a connection-rate run, and runs per connection, for
+    each ebpflb mode."""
     rows = []
     for scale in sorted(live, key=int):
-        entry = live[scale]
-        if "error" in entry:
-            rows.append([f"{int(scale):,}", f"*{entry['error']}*", "", "", ""])
-            continue
-        for name, v in entry.items():
-            if not isinstance(v, Mapping):
+        for mode, entry in live[scale].items():
+            if not isinstance(entry, Mapping):
                 continue
-            rows.append(
-                [
-                    f"{int(scale):,}",
-                    name,
-                    _num(v.get("ns_per_run"), ".0f"),
-                    _num(v.get("runs_per_connection"), ".1f"),
-                    _num((v.get("ns_per_connection") or 0) / 1000, ".2f"),
-                ]
-            )
+            if "error" in entry:
+                rows.append([f"{int(scale):,}", mode, f"*{entry['error']}*", "", "", ""])
+                continue
+            for name, v in entry.items():
+                if not isinstance(v, Mapping):
+                    continue
+                rows.append(
+                    [
+                        f"{int(scale):,}",
+                        mode,
+                        name,
+                        _num(v.get("ns_per_run"), ".0f"),
+                        _num(v.get("runs_per_connection"), ".1f"),
+                        _num((v.get("ns_per_connection") or 0) / 1000, ".2f"),
+                    ]
+                )
     return _table(
-        ["Services", "program", "ns per run", "runs per connection", "µs per connection"], rows, 2
+        ["Services", "mode", "program", "ns per run", "runs per connection", "µs per connection"],
+        rows,
+        3,
     )
 
 
@@ -196,16 +202,17 @@ def memory_table(control: Mapping[str, Any], dataplane_memory: Mapping[str, Any]
                 _kib(eb.get("registry_kib"), "VmHWM"),
             ]
         )
-    for scale, mem in sorted(dataplane_memory.items(), key=lambda kv: int(kv[0])):
-        agent = next((v for k, v in mem.items() if k.startswith("agent")), None)
-        rows.append(
-            [
-                f"{int(scale):,} Service{'' if int(scale) == 1 else 's'} x 1 (data-plane cluster)",
-                "",
-                _kib(agent, "VmHWM"),
-                _kib(mem.get("registry"), "VmHWM"),
-            ]
-        )
+    for scale, modes in sorted(dataplane_memory.items(), key=lambda kv: int(kv[0])):
+        for mode, mem in modes.items():
+            agent = next((v for k, v in mem.items() if k.startswith("agent")), None)
+            rows.append(
+                [
+                    f"{int(scale):,} Service{'' if int(scale) == 1 else 's'} x 1 ({mode} cluster)",
+                    "",
+                    _kib(agent, "VmHWM"),
+                    _kib(mem.get("registry"), "VmHWM"),
+                ]
+            )
     return _table(
         [
             "ebpflb processes",

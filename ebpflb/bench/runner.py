@@ -16,7 +16,7 @@ from typing import Any
 from ebpflb.bench import measure, perpacket, report, stats
 from ebpflb.bench.controlplane import ControlSettings, ebpflb_control, netfilter_control
 from ebpflb.bench.measure import LoadSettings, MeasureError
-from ebpflb.bench.model import MODES, PARTS
+from ebpflb.bench.model import EBPFLB_MODES, MODES, PARTS
 from ebpflb.bench.progress import Progress
 from ebpflb.bench.topology import (
     BudgetExceeded,
@@ -326,16 +326,18 @@ class Runner:
                     )
                     dataplane[key].setdefault(name, []).append(self._round(self.modes[name]))
                     self.progress.advance(per_round)
-            eb = self.modes.get("ebpflb")
-            if isinstance(eb, EbpflbMode) and "ebpflb" not in gone:
-                memory[key] = eb.memory()
-                self.progress.say(f"data plane: {scale:,} Services, ebpflb's programs in traffic")
+            for name in EBPFLB_MODES:
+                eb = self.modes.get(name)
+                if not isinstance(eb, EbpflbMode) or name in gone:
+                    continue
+                memory.setdefault(key, {})[name] = eb.memory()
+                self.progress.say(f"data plane: {scale:,} Services, {name}'s programs in traffic")
                 try:
-                    live[key] = measure.live_program_cost(
+                    live.setdefault(key, {})[name] = measure.live_program_cost(
                         eb.program_ids(), eb.client_ns, eb.http_targets(), p.load
                     )
                 except (MeasureError, OSError, subprocess.SubprocessError) as e:
-                    live[key] = {"error": str(e)}
+                    live.setdefault(key, {})[name] = {"error": str(e)}
         errors = [
             f"{scale} {mode} round {i + 1} {part}: {rec[part]['error']}"
             for scale, modes in dataplane.items()

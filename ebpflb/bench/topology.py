@@ -23,6 +23,7 @@ from pathlib import Path
 from ebpflb.bench import iptables, nftables
 from ebpflb.bench.manifests import apply_all, fake_pod_objects, filler_objects, service_object
 from ebpflb.bench.model import (
+    EBPFLB_MODES,
     HTTP_PORT,
     IPERF_PORT,
     NETFILTER_MODES,
@@ -267,16 +268,17 @@ class DirectMode(Mode):
 
 
 class EbpflbMode(Mode):
-    """ebpflb: the registry and an agent in the node; Services applied through the registry."""
+    """ebpflb: the registry and an agent in the node; Services applied through the registry.
+    socket_lb: the agent also balances the node's pods at connect() (cgroup programs)."""
 
-    name = "ebpflb"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "ebpflb") -> None:
         from ebpflb.harness import LbCluster
 
         super().__init__()
+        self.name = name
+        self.socket_lb = EBPFLB_MODES[name]
         self.probe: MapProbe | None = None
-        self.lb = LbCluster(1)
+        self.lb = LbCluster(1, socket_lb=self.socket_lb)
         self.cluster = self.lb.cluster
         self.fillers = 0
         try:
@@ -479,6 +481,6 @@ class NetfilterMode(Mode):
 def make_mode(name: str) -> Mode:
     if name == "direct":
         return DirectMode()
-    if name == "ebpflb":
-        return EbpflbMode()
+    if name in EBPFLB_MODES:
+        return EbpflbMode(name)
     return NetfilterMode(name)
