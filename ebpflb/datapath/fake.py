@@ -17,6 +17,8 @@ from ebpflb.datapath.structs import (
     MemberKey,
     NodeConfig,
     SlotKey,
+    SockKey,
+    SockValue,
     SvcKey,
     SvcValue,
 )
@@ -70,4 +72,5 @@ def fake_maps() -> LbMaps:
         affinity=DictMap(AffinityKey, AffinityValue, "affinity"),
         id_state=DictMap(U32, IdState, "id_state"),
         node_config=DictMap(U32, NodeConfig, "node_config"),
+        sock_revnat=DictMap(SockKey, SockValue, "sock_revnat"),
     )
