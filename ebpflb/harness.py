@@ -17,7 +17,6 @@ from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient
 from ebpflb.cluster import Cluster, Node, Pod
 from ebpflb.cluster.cleanup import cleanup_stale, untrack
-from ebpflb.cluster.netns import netns_path
 from ebpflb.objects import from_manifest
 
 PIN_ROOT = Path("/sys/fs/bpf/ebpflb")
@@ -69,12 +68,24 @@ class LbCluster:
     network). Each agent runs in its node's network namespace through
     `nsenter --net` (not `ip netns exec`, which remounts /sys and would hide the
     bpffs where the agent pins its maps). close() stops them all and removes
-    their pins, also after a failure."""
+    their pins, also after a failure.
+
+    With `cgroups` the cluster puts each node's processes (its agent included)
+    in a cgroup of its own (see Cluster). `socket_lb` implies it and also
+    tells each agent to attach the socket load balancer to its node's cgroup
+    (`--socket-lb-cgroup`)."""
 
     def __init__(
-        self, nodes: int = 1, *, start_agents: bool = True, agent_args: Sequence[str] = ()
+        self,
+        nodes: int = 1,
+        *,
+        start_agents: bool = True,
+        agent_args: Sequence[str] = (),
+        cgroups: bool = False,
+        socket_lb: bool = False,
     ) -> None:
-        self.cluster = Cluster(nodes)
+        self.socket_lb = socket_lb
+        self.cluster = Cluster(nodes, cgroups=cgroups or socket_lb)
         self.prefix = self.cluster.prefix
         self.workdir = self.cluster.workdir
         self.address = f"unix://{self.workdir}/registry.sock"
@@ -129,11 +140,11 @@ class LbCluster:
     def pin_dir(self, node: Node) -> Path:
         return PIN_ROOT / f"{self.prefix}-{node.name}"
 
-    def start_agent(self, node: Node, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-        argv = [
-            "nsenter",
-            f"--net={netns_path(node.netns)}",
-            "--",
+    def agent_argv(self, node: Node, extra: Sequence[str] = ()) -> list[str]:
+        """The command line of `node`'s agent, in the node's namespace and cgroup."""
+        socket_lb = ["--socket-lb-cgroup", str(node.cgroup)] if self.socket_lb else []
+        return [
+            *self.cluster.ns(node).exec_prefix(host_mounts=True),
             *EBPFLB,
             "agent",
             "--registry",
@@ -146,12 +157,15 @@ class LbCluster:
             node.pod_cidr,
             "--pin-dir",
             str(self.pin_dir(node)),
+            *socket_lb,
             *self.agent_args,
             *extra,
         ]
+
+    def start_agent(self, node: Node, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         with self._log(f"agent-{node.name}") as out:
             proc = subprocess.Popen(
-                argv,
+                self.agent_argv(node, extra),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -19,6 +19,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from ebpflb.cluster.cgroups import (
+    CgroupError,
+    attached_programs,
+    cgroup2_root,
+    cgroup_pids,
+    remove_cgroup,
+    subtree,
+)
 from ebpflb.cluster.netns import (
     MARKER_ENV,
     NetnsError,
@@ -99,9 +107,11 @@ def _workdirs(prefix: str) -> list[Path]:
 
 
 def _own_processes(prefix: str) -> list[tuple[int, str]]:
-    """Processes that belong to `prefix`: marked, named after it, or inside its namespaces."""
+    """Processes that belong to `prefix`: marked, named after it, inside its namespaces
+    or its cgroups."""
     me = os.getpid()
     in_ns = set(pids_in_netns(i for n in list_netns() if matches(n, prefix) for i in _ids(n)))
+    in_ns.update(pid for cg in _cgroups(prefix) for pid in cgroup_pids(cg))
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
@@ -136,6 +146,27 @@ def _root_links(prefix: str) -> list[str]:
     return [str(link["ifname"]) for link in links if matches(str(link.get("ifname", "")), prefix)]
 
 
+def _cgroups(prefix: str) -> list[Path]:
+    """Cluster cgroups (top-level cgroup v2 folders, one per cluster) named after `prefix`."""
+    try:
+        root = cgroup2_root()
+        return [p for p in sorted(root.iterdir()) if p.is_dir() and matches(p.name, prefix)]
+    except (CgroupError, OSError):
+        return []
+
+
+def _cgroup_leftovers(prefix: str) -> list[str]:
+    found = []
+    for top in _cgroups(prefix):
+        found.append(f"cgroup {top}")
+        for cg in subtree(top):
+            try:
+                found += [str(prog) for prog in attached_programs(cg)]
+            except CgroupError as e:
+                found.append(str(e))
+    return found
+
+
 def _cni_state(prefix: str) -> list[Path]:
     try:
         return [p for p in sorted(CNI_STATE_DIR.iterdir()) if matches(p.name, prefix)]
@@ -145,13 +176,15 @@ def _cni_state(prefix: str) -> list[Path]:
 
 def leftovers(prefix: str) -> list[str]:
     """Everything on this machine that carries `prefix`: namespaces, root-ns links, processes,
-    temp dirs (with their host-local dataDir) and any host-local state under /var/lib/cni.
+    cgroups (with the BPF programs attached to them), temp dirs (with their host-local
+    dataDir) and any host-local state under /var/lib/cni.
 
     Empty after a cluster with this prefix is closed.
     """
     found = [f"netns {n}" for n in list_netns(lambda n: matches(n, prefix))]
     found += [f"link {name} (root namespace)" for name in _root_links(prefix)]
     found += [f"process {pid}: {cmd}" for pid, cmd in _own_processes(prefix)]
+    found += _cgroup_leftovers(prefix)
     found += [f"path {p}" for p in _workdirs(prefix)]
     found += [f"path {p}" for p in _cni_state(prefix)]
     return found
@@ -179,6 +212,12 @@ def cleanup_stale(prefix: str) -> list[str]:
             run_ip(["link", "delete", link])
         except NetnsError as e:
             log.warning("cleanup_stale: %s", e)
+    for cgroup in _cgroups(prefix):
+        try:
+            remove_cgroup(cgroup, grace=2.0)
+        except (CgroupError, OSError) as e:
+            log.warning("cleanup_stale: %s", e)
+    # Work directories last: stale_prefixes() finds a crashed cluster by them.
     for path in _workdirs(prefix) + _cni_state(prefix):
         shutil.rmtree(path, ignore_errors=True)
     return before

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ebpflb.cluster.cgroups import CgroupError, cgroup2_root, make_cgroup, remove_cgroup
 from ebpflb.cluster.cleanup import (
     cleanup_stale,
     critical,
@@ -87,6 +88,8 @@ class Node:
     """The node's underlay interface."""
     underlay_port: str = ""
     """The peer of `ifname` on the underlay switch's bridge."""
+    cgroup: Path | None = None
+    """The cgroup v2 folder holding the node's processes and its pods' (None: no cgroups)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,15 @@ class Cluster:
     Everything is named `<prefix>-...` (prefix elb-<6 hex>), lives in
     namespaces this object makes (nothing in the root namespace, no route out)
     and is removed by close(), also at interpreter exit or on SIGTERM.
+
+    With `cgroups`, the cluster also gets a cgroup v2 folder `<prefix>` with
+    one child per node (`Node.cgroup`): every process started in a node's
+    namespace or in one of its pods', and every socket `Netns.socket` makes
+    there, is in that node's cgroup, so BPF programs attached to it (socket
+    load balancing) see exactly that node. The underlay and the external
+    client stay out. Off by default, because with it sockets come from a
+    helper process per namespace (not a thread of this one) and the host
+    needs a writable cgroup2 mount.
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class Cluster:
         prefix: str | None = None,
         external: bool = True,
         ready_timeout: float = 30.0,
+        cgroups: bool = False,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"nodes must be 1..{MAX_NODES}, not {nodes}")
@@ -146,13 +159,15 @@ class Cluster:
         self._pods: dict[str, Pod] = {}
         self._attachments: dict[str, Attachment] = {}
         self._external: External | None = None
+        self.cgroup: Path | None = None
+        """The cluster's cgroup v2 folder, parent of the nodes' (None without cgroups)."""
         self._closing = False
         self._closed = False
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         write_owner(self.workdir)
         track(self)
         try:
-            self._build(nodes, external)
+            self._build(nodes, external, cgroups)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.close()
@@ -160,8 +175,10 @@ class Cluster:
 
     # Building
 
-    def _new_ns(self, name: str, sysctls: dict[str, int] | None = None) -> Netns:
-        ns = Netns(name, marker=self.prefix)
+    def _new_ns(
+        self, name: str, sysctls: dict[str, int] | None = None, cgroup: Path | None = None
+    ) -> Netns:
+        ns = Netns(name, marker=self.prefix, cgroup=cgroup)
         self._ns[name] = ns  # first, so close() removes it even if `ip netns add` is cut short
         add_netns(name)
         ns.set_sysctls({**_COMMON_SYSCTLS, **(sysctls or {})})
@@ -178,7 +195,11 @@ class Cluster:
         )
         ip_batch([f"addr add {ip}/24 dev eth0", "link set eth0 up"], netns=ns.name)
 
-    def _build(self, nodes: int, external: bool) -> None:
+    def _build(self, nodes: int, external: bool, cgroups: bool) -> None:
+        if cgroups:
+            cgroup = cgroup2_root() / self.prefix
+            make_cgroup(cgroup)
+            self.cgroup = cgroup
         self._new_ns(self.underlay)
         ip_batch(
             [f"link add {UNDERLAY_BRIDGE} type bridge", f"link set {UNDERLAY_BRIDGE} up"],
@@ -193,8 +214,11 @@ class Cluster:
                 pod_cidr=f"10.244.{i}.0/24",
                 gateway=f"10.244.{i}.1",
                 underlay_port=f"node{i}",
+                cgroup=self.cgroup / f"node{i}" if self.cgroup else None,
             )
-            ns = self._new_ns(node.netns, {"net.ipv4.ip_forward": 1})
+            if node.cgroup is not None:
+                make_cgroup(node.cgroup)
+            ns = self._new_ns(node.netns, {"net.ipv4.ip_forward": 1}, cgroup=node.cgroup)
             self._plug_into_underlay(ns, node.underlay_port, node.ip)
             self._nodes.append(node)
             self._networks[node.name] = BridgeNetwork(
@@ -269,12 +293,13 @@ class Cluster:
         if name in self._pods:
             raise ClusterError(f"pod {name} exists (on {self._pods[name].node})")
         netns = f"{self.prefix}-{node.name}-{name}"
-        self._new_ns(netns)
+        self._new_ns(netns, cgroup=node.cgroup)
         network = self._networks[node.name]
         try:
             att = cni_add(
                 network,
                 run_in=node.netns,
+                cgroup=node.cgroup,
                 container_id=netns,
                 netns_path=str(netns_path(netns)),
                 extra_env={MARKER_ENV: self.prefix},
@@ -316,6 +341,7 @@ class Cluster:
         cni_del(
             self._networks[node.name],
             run_in=node.netns,
+            cgroup=node.cgroup,
             container_id=container_id,
             netns_path=str(path) if path.exists() else None,
             prev_result=att.result if att else None,
@@ -384,7 +410,7 @@ class Cluster:
             raise ClusterError(f"cluster {self.prefix} is closed")
 
     def close(self) -> None:
-        """Remove everything: processes, pods (CNI DEL), namespaces, the work directory.
+        """Remove everything: processes, pods (CNI DEL), namespaces, cgroups, the work directory.
 
         Keeps going past errors and raises ClusterError listing them at the end.
         Idempotent, and resumable: every step can be redone, so a close() that
@@ -419,6 +445,14 @@ class Cluster:
         self._ns.clear()
         self._pods.clear()
         self._attachments.clear()
+        # Before the work directory: stale_prefixes() finds a cluster by it.
+        if self.cgroup is not None:
+            try:
+                # Whoever attached a program should have detached it: say so.
+                for prog in remove_cgroup(self.cgroup):
+                    log.warning("closing cluster %s detached %s", self.prefix, prog)
+            except (CgroupError, OSError) as e:
+                errors.append(str(e))
         shutil.rmtree(self.workdir, ignore_errors=True)
         # Whatever carries the prefix and escaped the steps above: a namespace
         # whose creation was interrupted, a process started around popen().

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebpflb.cluster.netns import exec_argv
+
 CNI_PATH = Path("/usr/lib/cni")
 """Debian's containernetworking-plugins."""
 
@@ -98,17 +100,18 @@ def exec_plugin(
     env: dict[str, str],
     *,
     run_in: str,
+    cgroup: Path | None = None,
     plugin_dir: Path = CNI_PATH,
     timeout: float = 60.0,
 ) -> dict[str, Any] | None:
-    """Execute the plugin named by config["type"] inside namespace `run_in`.
+    """Execute the plugin named by config["type"] inside namespace `run_in` (and `cgroup`).
 
     The bridge plugin makes the bridge and the host side of the veth in the
     namespace it runs in, so it must run inside the node's namespace.
     Returns the parsed result (None when the plugin printed nothing, as DEL does).
     """
     plugin = plugin_dir / str(config["type"])
-    argv = ["ip", "netns", "exec", run_in, str(plugin)]
+    argv = [*exec_argv(run_in, cgroup=cgroup), str(plugin)]
     try:
         done = subprocess.run(
             argv,
@@ -170,17 +173,25 @@ def cni_add(
     network: BridgeNetwork,
     *,
     run_in: str,
+    cgroup: Path | None = None,
     container_id: str,
     netns_path: str,
     ifname: str = "eth0",
     extra_env: dict[str, str] | None = None,
     timeout: float = 60.0,
 ) -> Attachment:
-    """CNI ADD: attach the namespace at `netns_path` to the node's bridge."""
+    """CNI ADD: attach the namespace at `netns_path` to the node's bridge.
+
+    The plugin runs in the node's namespace `run_in` and, if given, its `cgroup`."""
     env = _plugin_env("ADD", container_id, netns_path, ifname, network.plugin_dir)
     env.update(extra_env or {})
     result = exec_plugin(
-        network.config(), env, run_in=run_in, plugin_dir=network.plugin_dir, timeout=timeout
+        network.config(),
+        env,
+        run_in=run_in,
+        cgroup=cgroup,
+        plugin_dir=network.plugin_dir,
+        timeout=timeout,
     )
     if result is None:
         raise CniError(f"CNI ADD {container_id}: the plugin printed no result")
@@ -197,6 +208,7 @@ def cni_del(
     network: BridgeNetwork,
     *,
     run_in: str,
+    cgroup: Path | None = None,
     container_id: str,
     netns_path: str | None,
     ifname: str = "eth0",
@@ -213,5 +225,10 @@ def cni_del(
     env.update(extra_env or {})
     prev = json.loads(prev_result) if prev_result else None
     exec_plugin(
-        network.config(prev), env, run_in=run_in, plugin_dir=network.plugin_dir, timeout=timeout
+        network.config(prev),
+        env,
+        run_in=run_in,
+        cgroup=cgroup,
+        plugin_dir=network.plugin_dir,
+        timeout=timeout,
     )

@@ -8,12 +8,15 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from ebpflb.cluster.programs import PYTHON, SOCKET_MAKER
 
 NETNS_DIR = Path("/var/run/netns")
 """Where `ip netns add` bind-mounts named namespaces (iproute2's NETNS_RUN_DIR)."""
@@ -81,6 +84,34 @@ def delete_netns(name: str) -> None:
     if not netns_path(name).exists():
         return
     run_ip(["netns", "delete", name])
+
+
+def join_cgroup_argv(cgroup: Path) -> list[str]:
+    """The argv prefix that moves a command into cgroup v2 `cgroup` before it runs.
+
+    The shell writes "0" (itself) to cgroup.procs, then execs the command,
+    which keeps the cgroup, and so do its children. It must come before
+    `ip netns exec`, whose fresh /sys hides the cgroup2 mount. If the cgroup
+    is gone the command does not run (the shell says why on stderr).
+    """
+    return ["sh", "-c", 'echo 0 >"$0/cgroup.procs" && exec "$@"', str(cgroup)]
+
+
+def exec_argv(name: str, *, cgroup: Path | None = None, host_mounts: bool = False) -> list[str]:
+    """The argv prefix that runs a command in namespace `name` (and `cgroup`, if given).
+
+    `ip netns exec` (the default) gives the command a private mount
+    namespace with a fresh /sys of this network namespace, which HIDES the
+    host's /sys/fs/bpf (bpffs), cgroup2 and tracefs mounts. With
+    `host_mounts`, `nsenter --net` enters only the network namespace and
+    keeps the caller's mounts (what an agent that pins maps needs), but
+    /sys/class/net then shows the root namespace's interfaces: use netlink.
+    """
+    if host_mounts:
+        enter = ["nsenter", f"--net={netns_path(name)}", "--"]
+    else:
+        enter = ["ip", "netns", "exec", name]
+    return [*join_cgroup_argv(cgroup), *enter] if cgroup is not None else enter
 
 
 def in_netns(name: str, fn: Callable[[], T]) -> T:
@@ -229,12 +260,18 @@ class Netns:
     Processes started with `popen` are tracked and stopped by `stop_all`
     (the cluster calls it on close). Each runs in its own session, so a
     whole process group (nginx's master and workers) is stopped at once.
+
+    With a `cgroup` (a cgroup v2 folder), every process started through this
+    handle runs in it, and so does every socket made by `socket` (see there).
     """
 
-    def __init__(self, name: str, marker: str) -> None:
+    def __init__(self, name: str, marker: str, cgroup: Path | None = None) -> None:
         self.name = name
         self.marker = marker
+        self.cgroup = cgroup
         self._procs: list[subprocess.Popen[Any]] = []
+        self._maker: _SocketMaker | None = None
+        self._maker_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Netns({self.name!r})"
@@ -254,18 +291,8 @@ class Netns:
         return merged
 
     def exec_prefix(self, host_mounts: bool = False) -> list[str]:
-        """The argv prefix that runs a command in this namespace.
-
-        `ip netns exec` (the default) gives the command a private mount
-        namespace with a fresh /sys of this network namespace, which HIDES the
-        host's /sys/fs/bpf (bpffs), cgroup2 and tracefs mounts. With
-        `host_mounts`, `nsenter --net` enters only the network namespace and
-        keeps the caller's mounts (what an agent that pins maps needs), but
-        /sys/class/net then shows the root namespace's interfaces: use netlink.
-        """
-        if host_mounts:
-            return ["nsenter", f"--net={self.path}", "--"]
-        return ["ip", "netns", "exec", self.name]
+        """The argv prefix that runs a command in this namespace and cgroup (see `exec_argv`)."""
+        return exec_argv(self.name, cgroup=self.cgroup, host_mounts=host_mounts)
 
     def popen(
         self, argv: Sequence[str], *, host_mounts: bool = False, **kw: Any
@@ -331,6 +358,10 @@ class Netns:
         """Stop every process started by `popen` that is still tracked."""
         stop_process_groups(self._procs, grace)
         self._procs.clear()
+        with self._maker_lock:
+            if self._maker is not None:
+                self._maker.close()
+                self._maker = None
 
     def call(self, fn: Callable[[], T]) -> T:
         """Call `fn` from a thread inside this namespace (see `in_netns`)."""
@@ -339,8 +370,23 @@ class Netns:
     def socket(
         self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0
     ) -> socket.socket:
-        """A socket that lives in this namespace, usable from any thread of this process."""
-        return self.call(lambda: socket.socket(family, type, proto))
+        """A socket that lives in this namespace, usable from any thread of this process.
+
+        The kernel stamps a socket with the cgroup of the process that makes
+        it, and cgroup BPF programs (connect4, sendmsg4) go by that stamp. So
+        with a cgroup, the socket is made by a helper process inside this
+        namespace and cgroup (started at the first call, stopped by
+        `stop_all`) and handed over; without one, by a thread of this process.
+        """
+        if self.cgroup is None:
+            return self.call(lambda: socket.socket(family, type, proto))
+        with self._maker_lock:
+            if self._maker is None or not self._maker.running:
+                if self._maker is not None:
+                    self._maker.close()
+                self._maker = _SocketMaker(self)
+            maker = self._maker
+        return maker.make(family, type, proto)
 
     def set_sysctls(self, settings: Mapping[str, str | int]) -> None:
         """Write sysctls (dotted keys, e.g. net.ipv4.ip_forward) in this namespace."""
@@ -364,3 +410,60 @@ class Netns:
         out = run_ip(["-j", *args], netns=self.name).strip()
         parsed: list[dict[str, Any]] = json.loads(out) if out else []
         return parsed
+
+
+class _SocketMaker:
+    """programs/socket_maker.py running in a namespace (and its cgroup), asked for sockets
+    over a unix socket pair; each answer carries the new socket's descriptor."""
+
+    TIMEOUT = 60.0
+    """For an answer, the helper's start-up included (a loaded machine is slow to start Python)."""
+
+    def __init__(self, ns: Netns) -> None:
+        self.ns = ns
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:  # the helper's end: once it is closed here, its exit reads as EOF
+            self.proc = ns.popen(
+                [PYTHON, "-I", str(SOCKET_MAKER), str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        ours.settimeout(self.TIMEOUT)
+        self.channel = ours
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def make(self, family: int, type: int, proto: int) -> socket.socket:
+        with self._lock:
+            try:
+                self.channel.sendall(struct.pack("=iii", family, type, proto))
+                msg, fds, _, _ = socket.recv_fds(self.channel, 256, 1)
+            except OSError as e:  # TimeoutError, or ECONNRESET from a helper that died
+                raise self._failed(str(e)) from e
+            if not msg:
+                raise self._failed("it closed its end")
+        if fds:
+            return socket.socket(fileno=fds[0])
+        code, _, text = msg.decode().partition(" ")
+        raise OSError(int(code), text)
+
+    def _failed(self, what: str) -> NetnsError:
+        """Stop the helper (a late answer would be taken for the next request's: the next
+        socket() starts a new one) and say what it left on stderr."""
+        self.ns.stop(self.proc, grace=0)
+        err = self.proc.stderr.read() if self.proc.stderr else b""
+        self.close()
+        return NetnsError(
+            f"socket maker in {self.ns.name}: {what} (exit status {self.proc.returncode}): "
+            + err.decode(errors="replace").strip()
+        )
+
+    def close(self) -> None:
+        """Close our end (the helper exits on EOF) and the helper's stderr pipe."""
+        self.channel.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

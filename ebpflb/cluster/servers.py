@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,10 +13,9 @@ from typing import Any
 
 from ebpflb.cluster.clients import ClientError, tcp_request
 from ebpflb.cluster.netns import Netns
-from ebpflb.cluster.programs import UDP_ECHO, WHOAMI
+from ebpflb.cluster.programs import PYTHON, UDP_ECHO, WHOAMI
 
 NGINX = "/usr/sbin/nginx"
-PYTHON = sys.executable or "/usr/bin/python3"
 
 
 class ServerError(RuntimeError):

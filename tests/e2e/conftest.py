@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from ebpflb.cluster import Cluster, cleanup_stale, leftovers, stale_prefixes
+from ebpflb.cluster import Cluster, cleanup_stale, leftovers, new_prefix, stale_prefixes
 
 REQUIRED = ("ip", "curl", "/usr/sbin/nginx", "/usr/lib/cni/bridge", "/usr/lib/cni/host-local")
 
@@ -75,3 +79,56 @@ def make_cluster() -> Iterator[ClusterFactory]:
 def make_module_cluster() -> Iterator[ClusterFactory]:
     """Like make_cluster, shared by a module's tests (cheaper: nginx starts once)."""
     yield from _cluster_factory()
+
+
+CHILD = """
+import sys, time
+from ebpflb.cluster import Cluster
+c = Cluster(1, prefix=sys.argv[1], cgroups=sys.argv[2:] == ["--cgroups"])
+pod = c.add_pod(0, "web")
+c.start_http_server(pod, 8080)
+print(c.prefix, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+ChildCluster = tuple[subprocess.Popen[str], str]
+
+
+@contextlib.contextmanager
+def child_cluster_process(cgroups: bool = False) -> Iterator[ChildCluster]:
+    """A separate process that builds a one-node cluster with a web pod, prints its prefix
+    and waits to be killed; afterwards whatever it left is swept."""
+    prefix = new_prefix()  # chosen here, so the finalizer knows what to sweep in any case
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, prefix, *(["--cgroups"] if cgroups else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        if not ready or proc.stdout.readline().strip() != prefix:
+            proc.terminate()
+            _, err = proc.communicate(timeout=60)
+            pytest.fail(f"child cluster did not start: {err}")
+        yield proc, prefix
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the child closes its cluster on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate(timeout=30)
+        cleanup_stale(prefix)
+
+
+@pytest.fixture
+def child_cluster() -> Iterator[ChildCluster]:
+    """See child_cluster_process."""
+    if reason := missing_requirement():
+        pytest.skip(reason)
+    with child_cluster_process() as child:
+        yield child

@@ -6,11 +6,9 @@ import errno
 import ipaddress
 import json
 import os
-import select
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ from ebpflb.cluster import (
     connect_errno,
     curl,
     leftovers,
-    new_prefix,
     stale_prefixes,
     tcp_request,
     udp_request,
@@ -299,47 +296,6 @@ def test_remove_pod_releases_address_and_veth(make_cluster: ClusterFactory) -> N
     links = [link["ifname"] for link in c.ns(node).ip_json("link", "show")]
     assert gone.host_veth not in links and keep.host_veth in links
     assert [p.name for p in c.pods] == ["keep"]
-
-
-CHILD = """
-import sys, time
-from ebpflb.cluster import Cluster
-c = Cluster(1, prefix=sys.argv[1])
-pod = c.add_pod(0, "web")
-c.start_http_server(pod, 8080)
-print(c.prefix, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-@pytest.fixture
-def child_cluster() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A separate process that builds a cluster, prints its prefix and waits to be killed."""
-    prefix = new_prefix()  # chosen here, so the finalizer knows what to sweep in any case
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, prefix],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        if not ready or proc.stdout.readline().strip() != prefix:
-            proc.terminate()
-            _, err = proc.communicate(timeout=60)
-            pytest.fail(f"child cluster did not start: {err}")
-        yield proc, prefix
-    finally:
-        if proc.poll() is None:
-            proc.terminate()  # the child closes its cluster on SIGTERM
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.communicate(timeout=30)
-        cleanup_stale(prefix)
 
 
 def _wait_exit(proc: subprocess.Popen[str], timeout: float = 60.0) -> int:
