@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -36,6 +37,8 @@ from ebpflb.bench.probe import MapProbe, read_status
 from ebpflb.client import RegistryClient
 from ebpflb.cluster import Cluster, Netns, Node, Pod
 from ebpflb.cluster.clients import ClientError, tcp_request
+from ebpflb.datapath import _libbpf
+from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 
 BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 MEASURED = 2  # Services the figures go through (HTTP and iperf3), counted in a scale
@@ -347,7 +350,8 @@ class EbpflbMode(Mode):
         return result
 
     def program_ids(self) -> dict[str, int]:
-        """{program name: id} of what tc runs on the client's host veth (both directions)."""
+        """{program name: id} of what tc runs on the client's host veth (both directions) and,
+        with socket-level load balancing, of the programs on the node's cgroup."""
         ns = self.cluster.ns(self.node)
         out: dict[str, int] = {}
         for direction in ("ingress", "egress"):
@@ -359,6 +363,15 @@ class EbpflbMode(Mode):
                     prog = f.get("options", {}).get("prog")
                     if prog:
                         out[str(prog["name"])] = int(prog["id"])
+        cgroup = self.node.cgroup
+        if self.socket_lb and cgroup is not None:  # and the node's socket-level programs
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for attach_type in SOCK_ATTACH_TYPES.values():
+                    for prog_id in _libbpf.cgroup_prog_ids(fd, attach_type):
+                        out[_libbpf.prog_name(prog_id) or str(prog_id)] = prog_id
+            finally:
+                os.close(fd)
         return out
 
     def memory(self) -> dict[str, dict[str, int]]:

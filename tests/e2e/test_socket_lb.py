@@ -2,13 +2,14 @@
 --socket-lb-cgroup (each node's processes in a cgroup of its own). A client process in a
 pod reaches local and remote backends through a ClusterIP with no NAT on any packet, reads
 the VIP as its peer, and keeps working across an agent kill; a process outside the cgroup
-(this test process, in the pod's namespace) still gets the tc path."""
+(a socket this test process makes in the pod's namespace) still gets the tc path."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -136,8 +137,14 @@ def test_pods_reach_local_and_remote_backends_without_nat(lb: LbCluster) -> None
     # agent's health checks make none here).
     assert after["dnat"] == before["dnat"]
 
-    # This test process is in no node's cgroup: its socket takes the tc path.
-    tcp_request(lb.cluster.ns(client), tcp_ip, 80, b"")
+    # A socket of a process in no node's cgroup (this one's, made in the pod's namespace)
+    # takes the tc path: DNATed per packet.
+    def outside_cgroup() -> str:
+        with socket.create_connection((tcp_ip, 80), timeout=3) as s:
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(4096).decode()
+
+    assert "sweb" in lb.cluster.ns(client).call(outside_cgroup)
     assert counters(lb, 0)["dnat"] > after["dnat"]
 
 
@@ -162,8 +169,6 @@ def test_an_agent_killed_and_restarted_keeps_one_attachment_and_balancing(
 
     lb.start_agent(node)
     lb.wait_attached(client)
-    assert eventually(lambda: ours_attached(lb, 0)) == Counter(
-        dict.fromkeys(SOCK_ATTACH_TYPES, 1)
-    )
+    assert eventually(lambda: ours_attached(lb, 0)) == Counter(dict.fromkeys(SOCK_ATTACH_TYPES, 1))
     up = dial(lb, client, [("tcp", ip, 80)] * 5)
     assert [r["answer"].split()[0] for r in up] == ["sweb9"] * 5
