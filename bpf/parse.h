@@ -31,6 +31,7 @@ enum lb_parse_result {
 	LB_PARSE_OTHER,	    /* not IPv4, or not TCP/UDP */
 	LB_PARSE_FRAGMENT,  /* an IPv4 fragment */
 	LB_PARSE_MALFORMED, /* truncated or inconsistent headers */
+	LB_PARSE_SHORT,	    /* (within lb_parse only) a header lies past the linear part */
 };
 
 /* What the datapath needs from a packet, addresses and ports in wire order. */
@@ -63,24 +64,24 @@ static __always_inline int lb_tcp_is_syn(const struct lb_pkt *p)
 	return p->proto == IPPROTO_TCP && (p->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
 }
 
-/* Make sure the headers we read are in the linear part of the skb (they
- * nearly always are; pulling changes no byte of the packet). XDP's packet is
- * linear already. */
-static __always_inline void lb_pull_headers(void *ctx, const enum lb_hook hook)
+/* tc: pull the headers we read into the skb's linear part, when they are not
+ * there (a GSO skb whose TCP header sits in a page; the largest IP header).
+ * Only then: pulling also makes the skb private (bpf_skb_pull_data copies a
+ * head that the sender's TCP retransmit queue shares), which costs more than
+ * the whole program for a data packet we then leave alone. XDP's headers are
+ * linear. Nonzero if it failed. */
+static __always_inline int lb_pull_headers(void *ctx, const enum lb_hook hook)
 {
 	struct __sk_buff *skb = ctx;
-	__u32 want = LB_L3_OFF + 60 + sizeof(struct tcphdr); /* the largest IP header + TCP */
+	__u32 want = LB_L3_OFF + 60 + sizeof(struct tcphdr);
 
 	if (hook == LB_HOOK_XDP)
-		return;
+		return -1;
 	if (want > skb->len)
 		want = skb->len;
-	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
-		bpf_skb_pull_data(skb, want);
+	return bpf_skb_pull_data(skb, want);
 }
 
-/* A GSO packet over 64 KB (BIG TCP) carries IP total length 0; its length is
- * the skb's. XDP never sees one (it is not linear). */
 static __always_inline __u32 lb_big_tot_len(void *ctx, const enum lb_hook hook)
 {
 	struct __sk_buff *skb = ctx;
@@ -90,28 +91,34 @@ static __always_inline __u32 lb_big_tot_len(void *ctx, const enum lb_hook hook)
 	return skb->len - LB_L3_OFF;
 }
 
+/* A header ends past data_end: past the packet (malformed), or only past its
+ * linear part (pull and parse again). */
+static __always_inline int lb_short(void *data, void *data_end, __u32 len)
+{
+	return (__u32)(data_end - data) < len ? LB_PARSE_SHORT : LB_PARSE_MALFORMED;
+}
+
 /* Parse an Ethernet frame. Fragments are passed on unchanged because only the
  * first one carries the ports: translating it alone would split the datagram
  * between two destinations, and later fragments cannot be matched to a flow
  * without reassembly. A fragmented datagram to a VIP is therefore not load
  * balanced (it goes on to the VIP and is lost). */
-static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct lb_pkt *p)
+static __always_inline int lb_parse_headers(void *ctx, const enum lb_hook hook,
+					    struct lb_pkt *p)
 {
-	lb_pull_headers(ctx, hook);
-
 	void *data = lb_data(ctx, hook);
 	void *data_end = lb_data_end(ctx, hook);
 	__u32 len = lb_len(ctx, hook);
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > data_end)
-		return LB_PARSE_MALFORMED;
+		return lb_short(data, data_end, len);
 	if (eth->h_proto != lb_htons(ETH_P_IP))
 		return LB_PARSE_OTHER;
 
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return LB_PARSE_MALFORMED;
+		return lb_short(data, data_end, len);
 	if (ip->version != 4 || ip->ihl < 5)
 		return LB_PARSE_MALFORMED;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
@@ -137,7 +144,7 @@ static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct l
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > data_end)
-			return LB_PARSE_MALFORMED;
+			return lb_short(data, data_end, len);
 		__u32 doff = th->doff * 4;
 		if (doff < sizeof(struct tcphdr) || doff > p->l4_len)
 			return LB_PARSE_MALFORMED;
@@ -148,7 +155,7 @@ static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct l
 	} else {
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > data_end)
-			return LB_PARSE_MALFORMED;
+			return lb_short(data, data_end, len);
 		if (sizeof(struct udphdr) > p->l4_len)
 			return LB_PARSE_MALFORMED;
 		p->sport = uh->source;
@@ -157,6 +164,20 @@ static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct l
 		p->l4_hlen = sizeof(struct udphdr);
 	}
 	return LB_PARSE_OK;
+}
+
+/* lb_parse_headers, after pulling the headers into the linear part if they
+ * are not all there. */
+static __always_inline int lb_parse(void *ctx, const enum lb_hook hook, struct lb_pkt *p)
+{
+	int parsed = lb_parse_headers(ctx, hook, p);
+
+	if (parsed != LB_PARSE_SHORT)
+		return parsed;
+	if (lb_pull_headers(ctx, hook))
+		return LB_PARSE_MALFORMED;
+	parsed = lb_parse_headers(ctx, hook, p);
+	return parsed == LB_PARSE_SHORT ? LB_PARSE_MALFORMED : parsed;
 }
 
 #endif /* LB_PARSE_H */

@@ -70,6 +70,7 @@ def checked_maps() -> LbMaps:
         conntrack=plain.conntrack,
         affinity=plain.affinity,
         node_config=plain.node_config,
+        sock_revnat=plain.sock_revnat,
         **checked,
     )
     for m in checked.values():
