@@ -18,6 +18,7 @@
  * on (sock.h): frontends translated per system call, not per packet.
  *   sock_connect4, sock_sendmsg4: a frontend becomes a backend.
  *   sock_peername4, sock_recvmsg4: the backend reads as the frontend again.
+ *   sock_release4: a closed socket's way back is forgotten.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -146,5 +147,12 @@ int sock_peername4(struct bpf_sock_addr *ctx)
 int sock_recvmsg4(struct bpf_sock_addr *ctx)
 {
 	lb_sock_reverse(ctx, lb_counters_get());
+	return 1;
+}
+
+/* cgroup/sock_release. 1: the release goes on (it cannot be refused). */
+int sock_release4(struct bpf_sock *sk)
+{
+	lb_sock_forget(sk);
 	return 1;
 }

@@ -127,4 +127,22 @@ static __always_inline void lb_sock_reverse(struct bpf_sock_addr *ctx, struct lb
 	LB_COUNT(c, sock_revnat);
 }
 
+/* sock_release: a socket that is closed needs its way back no more. A
+ * connected one (TCP, connected UDP) names its one backend as destination; an
+ * unconnected UDP socket's entries (one per VIP it sent to) are left to the
+ * LRU. Keeps the map at the size of the open sockets, instead of full and
+ * evicting on every connect. */
+static __always_inline void lb_sock_forget(struct bpf_sock *sk)
+{
+	struct lb_sock_key rk = {};
+
+	if (!sk->dst_ip4)
+		return;
+	rk.cookie = bpf_get_socket_cookie(sk);
+	rk.addr = sk->dst_ip4;
+	rk.port = (__be16)sk->dst_port;
+	rk.proto = (__u8)sk->protocol;
+	sock_revnat.delete(&rk);
+}
+
 #endif /* LB_SOCK_H */

@@ -19,15 +19,16 @@ from ebpflb.datapath.maps import MAP_SPECS
 
 MISMATCH = 3  # exit status: the pinned maps' layout is not what was compiled
 
-SCHED_CLS, XDP, CGROUP_SOCK_ADDR = 3, 6, 18  # bcc's BPF.<program type>
+SCHED_CLS, XDP, CGROUP_SOCK, CGROUP_SOCK_ADDR = 3, 6, 9, 18  # bcc's BPF.<program type>
 # The cgroup hook (enum bpf_attach_type) of each socket-level program, fixed at load.
 CGROUP_INET4_CONNECT, CGROUP_UDP4_SENDMSG, CGROUP_UDP4_RECVMSG = 10, 14, 19
-CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET4_GETPEERNAME, CGROUP_INET_SOCK_RELEASE = 29, 34
 SOCK_ATTACH_TYPES = {
     "sock_connect4": CGROUP_INET4_CONNECT,
     "sock_sendmsg4": CGROUP_UDP4_SENDMSG,
     "sock_peername4": CGROUP_INET4_GETPEERNAME,
     "sock_recvmsg4": CGROUP_UDP4_RECVMSG,
+    "sock_release4": CGROUP_INET_SOCK_RELEASE,
 }
 # Pinned programs: name -> program type.
 PROGRAM_TYPES = {
@@ -36,6 +37,7 @@ PROGRAM_TYPES = {
     "nodeport_tc": SCHED_CLS,
     "nodeport_xdp": XDP,
     **dict.fromkeys(SOCK_ATTACH_TYPES, CGROUP_SOCK_ADDR),
+    "sock_release4": CGROUP_SOCK,
 }
 
 
