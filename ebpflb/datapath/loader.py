@@ -361,6 +361,9 @@ class Datapath:
     with tc behind it for what XDP cannot finish. They need the node's addresses
     (set_node).
 
+    A cgroup (attach_cgroup): socket-level load balancing for its processes, a frontend
+    translated at connect() and sendmsg() instead of per packet.
+
     Maps already pinned under pin_dir are adopted (a restarted agent keeps every flow) when
     their pinned layout is the compiled one; otherwise their entries are migrated to new
     maps (see migrate.py) and the new programs swapped in on every attachment, right away
@@ -675,7 +678,8 @@ class Datapath:
     def attach_cgroup(self, path: str | os.PathLike[str]) -> None:
         """Socket-level load balancing for every process in the cgroup (v2) at path and in
         its descendants: the sock_* programs (bpf/sock.h) at its connect4, sendmsg4,
-        getpeername4 and recvmsg4 hooks, beside other programs there (BPF_F_ALLOW_MULTI).
+        getpeername4, recvmsg4 and sock_release hooks, beside other programs there
+        (BPF_F_ALLOW_MULTI).
         A program of ours already there (an earlier agent's, or an older version's) is
         replaced in one step, so a restart or an upgrade never leaves the hook empty; the
         attachments outlive this process, like the tc ones."""
