@@ -98,7 +98,8 @@ class Plan:
         return total
 
     def perpacket_units(self) -> float:
-        return 5 + sum(5 + n / 20_000 for n in self.perpacket_counts)
+        # two datapaths per count, each compiled and filled, then timed together
+        return 10 + 2 * sum(8 + n / 20_000 for n in self.perpacket_counts)
 
     def control_units(self) -> float:
         c = self.control

@@ -37,6 +37,7 @@ int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }
 """
 
 ROUNDS = 25
+INSTANCES = 2  # datapaths per Service count (see Subject)
 # The new-flow path: a ring of frontends, each the backend of the one before, so that every
 # run of a BPF_PROG_TEST_RUN loop (which feeds each run the packet as the last one left it)
 # is the first packet of a flow: the packet to RING[i] is DNATed to RING[i + 1], a tuple new
@@ -153,11 +154,16 @@ PATHS = (
 
 @dataclass(eq=False)
 class Subject:
-    """One datapath under test: its Service count, its programs, and what was measured: per
-    path the cost of every round and its ratio to the first subject's in the same round."""
+    """One Service count under test: its datapaths, and what was measured: per path its cost
+    in every round and the ratio to the first subject's in the same round.
+
+    A count has several datapaths (instances, same code and entries) and its cost in a round
+    is their mean: two identical datapaths differ by up to 5-7% in the hit paths, the same in
+    every round (where the kernel put their programs and maps), which one instance per
+    count would take for the count's doing."""
 
     services: int
-    dp: Datapath
+    instances: Sequence[Datapath]
     name: str = ""  # its column: the Service count unless given
     samples: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, list[float]] = field(default_factory=dict)
@@ -165,26 +171,28 @@ class Subject:
     def __post_init__(self) -> None:
         self.name = self.name or f"{self.services:,}"
 
-    def fd(self, hook: Hook) -> int:
+    def fd(self, hook: Hook, instance: int = 0) -> int:
+        dp = self.instances[instance]
         if hook == "from_pod":
-            return self.dp.prog_fd
-        return self.dp.external_fd("xdp" if hook == "nodeport_xdp" else "tc")
+            return dp.prog_fd
+        return dp.external_fd("xdp" if hook == "nodeport_xdp" else "tc")
 
     def prepare(self) -> None:
-        """Program the frontends and open the flows the hit paths run on."""
-        self.dp.maps.clear()
-        Programmer(self.dp).sync(frontends(self.services))
-        for frame in (
-            tcp_frame(CLIENT, VIP, 40000, 80, 0x02),
-            tcp_frame(CLIENT, BACKEND, 40000, 8080, 0x02),
-            tcp_frame(CLIENT, VIP, 40000, 81, 0x02),
-        ):
-            testrun.run(self.dp.prog_fd, frame, 1)
-        for frame in (
-            tcp_frame(EXTERNAL, NODE_IP, 40000, 30080, 0x02),
-            tcp_frame(EXTERNAL, BACKEND, 40000, 8081, 0x02),
-        ):
-            testrun.run(self.fd("nodeport_tc"), frame, 1)
+        """Program the frontends and open the flows the hit paths run on, in every instance."""
+        for i, dp in enumerate(self.instances):
+            dp.maps.clear()
+            Programmer(dp).sync(frontends(self.services))
+            for frame in (
+                tcp_frame(CLIENT, VIP, 40000, 80, 0x02),
+                tcp_frame(CLIENT, BACKEND, 40000, 8080, 0x02),
+                tcp_frame(CLIENT, VIP, 40000, 81, 0x02),
+            ):
+                testrun.run(dp.prog_fd, frame, 1)
+            for frame in (
+                tcp_frame(EXTERNAL, NODE_IP, 40000, 30080, 0x02),
+                tcp_frame(EXTERNAL, BACKEND, 40000, 8081, 0x02),
+            ):
+                testrun.run(self.fd("nodeport_tc", i), frame, 1)
 
 
 @dataclass
@@ -199,10 +207,11 @@ class Empty:
 
 
 def _round(subjects: Sequence[Subject], n: int, path: PathSpec, loops: int, empty: Empty) -> None:
-    """Round n of a path: the empty program, then each subject (the order rotated by n), on
-    the path's frame loops times; each subject's cost recorded with its ratio to the first
-    subject's in the round. A frame made per client port gets two ports per round: a loop
-    from the first warms up, the second is measured."""
+    """Round n of a path: the empty program, then each subject's instances (the first of
+    each, then the second..., the order rotated by n), on the path's frame loops times; each
+    subject's cost (its instances' mean) recorded with its ratio to the first subject's in
+    the round. A frame made per client port gets two ports per round: a loop from the first
+    warms up, the second is measured."""
     if isinstance(path.frame, bytes):
         warm, frame = None, path.frame
     else:
@@ -214,8 +223,11 @@ def _round(subjects: Sequence[Subject], n: int, path: PathSpec, loops: int, empt
         return testrun.run(fd, frame, loops, xdp=path.xdp)[2]
 
     base = cost(empty.fd(path))
-    k = n % len(subjects)
-    costs = {s: float(cost(s.fd(path.hook)) - base) for s in [*subjects[k:], *subjects[:k]]}
+    runs = [(s, i) for i in range(max(len(s.instances) for s in subjects)) for s in subjects]
+    runs = [(s, i) for s, i in runs if i < len(s.instances)]
+    k = n % len(runs)
+    each = {(s, i): cost(s.fd(path.hook, i)) - base for s, i in [*runs[k:], *runs[:k]]}
+    costs = {s: statistics.fmean(each[s, i] for i in range(len(s.instances))) for s in subjects}
     first = costs[subjects[0]]
     for s in subjects:
         s.samples.setdefault(path.name, []).append(costs[s])
@@ -278,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--services", default="1,100000", help="comma-separated service counts")
     ap.add_argument("--repeat", type=int, default=200_000, help="packets per path and count")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--instances", type=int, default=INSTANCES, help="datapaths per count")
     args = ap.parse_args(argv)
     counts = sorted({int(x) for x in args.services.split(",")})
-    if not counts or counts[0] < 1 or args.repeat < 1 or args.rounds < 1:
-        ap.error("service counts, --repeat and --rounds must be positive")
+    if not counts or counts[0] < 1 or min(args.repeat, args.rounds, args.instances) < 1:
+        ap.error("service counts, --repeat, --rounds and --instances must be positive")
 
     from bcc import BPF
 
@@ -294,13 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     tag = secrets.token_hex(4)
     with ExitStack() as stack:
         stack.callback(empty_prog.cleanup)
-        subjects = []
-        for n in counts:
-            pin_dir = Path("/sys/fs/bpf") / f"ebpflb-bench-{tag}-{n}"
-            stack.callback(remove_pins, pin_dir)
-            dp = Datapath(pin_dir, config)
-            stack.callback(dp.close, cleanup=True)
-            subjects.append(Subject(n, dp))
+        instances: dict[int, list[Datapath]] = {n: [] for n in counts}
+        for i in range(args.instances):  # loaded in turns, every other turn backwards
+            for n in counts if i % 2 == 0 else counts[::-1]:
+                pin_dir = Path("/sys/fs/bpf") / f"ebpflb-bench-{tag}-{n}-{i}"
+                stack.callback(remove_pins, pin_dir)
+                dp = Datapath(pin_dir, config)
+                stack.callback(dp.close, cleanup=True)
+                instances[n].append(dp)
+        subjects = [Subject(n, instances[n]) for n in counts]
         for s in subjects:
             s.prepare()
         measure_rounds(subjects, empty, args.repeat, args.rounds)
