@@ -269,7 +269,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             "## Per-packet cost (BPF_PROG_TEST_RUN)",
             "",
             f"`python -m ebpflb.datapath.bench`, median of {len(pp.get('rounds', []))} runs; "
-            "in each run every Service count has a datapath of its own and the counts are "
+            "in each run every Service count has datapaths of its own (two) and the counts are "
             "timed in interleaved rounds.",
             "",
             perpacket_table(pp["median"]),
