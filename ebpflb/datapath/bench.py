@@ -1,12 +1,12 @@
 """Per-packet cost of the datapath by BPF_PROG_TEST_RUN: python -m ebpflb.datapath.bench.
 
-Every Service count gets a datapath of its own (own pin directory), all loaded at once, and
-every figure is taken in rounds: the empty program, then each datapath, on the same frame, in
-an order rotated from round to round. A burst of other work on the machine spoils one round of
-every count alike instead of the figure of one count, and no count always runs first (or
-always right after the empty program). A count's figure is the median of its rounds; its ratio
-to the smallest count is the median of the per-round ratios, each of two figures taken
-moments apart.
+Every Service count gets datapaths of its own (own pin directories; two, see Subject), all
+loaded at once, and every figure is taken in rounds: the empty program, then each datapath, on
+the same frame, in an order rotated from round to round. A burst of other work on the machine
+spoils one round of every count alike instead of the figure of one count, and no count always
+runs first (or always right after the empty program). A count's figure is the median of its
+rounds; its ratio to the smallest count is the median of the per-round ratios, each of two
+figures taken moments apart.
 """
 
 from __future__ import annotations
@@ -223,8 +223,8 @@ def _round(subjects: Sequence[Subject], n: int, path: PathSpec, loops: int, empt
         return testrun.run(fd, frame, loops, xdp=path.xdp)[2]
 
     base = cost(empty.fd(path))
-    runs = [(s, i) for i in range(max(len(s.instances) for s in subjects)) for s in subjects]
-    runs = [(s, i) for s, i in runs if i < len(s.instances)]
+    most = max(len(s.instances) for s in subjects)
+    runs = [(s, i) for i in range(most) for s in subjects if i < len(s.instances)]
     k = n % len(runs)
     each = {(s, i): cost(s.fd(path.hook, i)) - base for s, i in [*runs[k:], *runs[:k]]}
     costs = {s: statistics.fmean(each[s, i] for i in range(len(s.instances))) for s in subjects}
