@@ -30,7 +30,8 @@ struct lb_flow {
 	__be16 nat_port;     /* source port the backend sees: the client's or the SNAT port */
 	__u8 proto;	     /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 flags;	     /* LB_CT_F_* */
-	__u16 pad;
+	__u8 svc_gen;	     /* the service's gen under which the backend was known a member */
+	__u8 pad;
 	__u32 svc_id;	     /* service */
 	__u32 backend_id;    /* backend */
 };
@@ -126,7 +127,7 @@ static __always_inline void ct_fill_value(struct lb_ct_value *v, const struct lb
 	v->svc_id = f->svc_id;
 	v->backend_id = f->backend_id;
 	v->flags = f->flags;
-	v->pad = 0;
+	v->svc_gen = f->svc_gen;
 	v->pad2 = 0;
 	v->pad3 = 0;
 }
@@ -184,6 +185,7 @@ static __always_inline void ct_flow_from_forward(struct lb_flow *f, const struct
 	f->nat_addr = e->nat_addr;
 	f->nat_port = e->nat_port;
 	f->flags = e->flags;
+	f->svc_gen = e->svc_gen;
 	f->svc_id = e->svc_id;
 	f->backend_id = e->backend_id;
 }
@@ -202,6 +204,7 @@ static __always_inline void ct_flow_from_reverse(struct lb_flow *f, const struct
 	f->vip_port = e->port;
 	f->proto = p->proto;
 	f->flags = e->flags;
+	f->svc_gen = e->svc_gen;
 	f->svc_id = e->svc_id;
 	f->backend_id = e->backend_id;
 }

@@ -64,6 +64,33 @@ static __always_inline int lb_ct_usable(const struct lb_ct_value *e,
 	return 1;
 }
 
+/* The service's generation, read once: before the membership or the selection table, as
+ * lb_ct_member() needs. */
+static __always_inline __u8 lb_svc_gen(const struct lb_svc_value *svc)
+{
+	return *(volatile const __u8 *)&svc->gen;
+}
+
+/* The backend of a usable forward entry is still in the service. The generation says so
+ * without a lookup: the agent raises the service's gen only after deleting a membership, so
+ * an entry that holds the current gen, recorded when its backend was selected or last found
+ * a member (the gen read before that), still has its backend. Else the membership is looked
+ * up and the entry takes the gen. A gen of 0 (a service written without one, maps from
+ * before generations) never vouches. The gen comes round after 255 raises, so it vouches
+ * only for an entry that needs no refresh (fresh): each refresh, at least once per
+ * LB_CT_REFRESH_NS of traffic, looks the membership up again, and a wrong vouch would take
+ * 255 raises of one service in that time. */
+static __always_inline int lb_ct_member(struct lb_ct_value *e, __u32 svc_id, __u8 gen,
+					const int fresh)
+{
+	if (fresh && gen && e->svc_gen == gen)
+		return 1;
+	if (!lb_is_member(svc_id, e->backend_id))
+		return 0;
+	e->svc_gen = gen;
+	return 1;
+}
+
 /* Point the flow at a freshly selected backend, and decide the source the
  * backend sees: the client itself, or the hairpin address when the backend
  * is the client (a pod reaching itself). External clients never hairpin: a
@@ -102,11 +129,13 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 					   const struct lb_node_config *cfg, const int external,
 					   struct lb_flow *f, __u64 now, struct lb_counters *c)
 {
+	const __u8 gen = lb_svc_gen(svc);
 	struct lb_backend_value *b;
 	struct lb_ct_key key;
 	struct lb_ct_value *e;
 	__u32 backend_id = 0;
 	__u8 flags;
+	int refresh;
 
 	ct_forward_key(&key, f);
 	e = conntrack.lookup(&key);
@@ -114,10 +143,12 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 		LB_COUNT(c, ct_hits);
 		ct_flow_from_forward(f, p, e);
 		flags = ct_next_flags(f->flags, p, 1);
-		if (lb_is_member(svc->svc_id, e->backend_id)) {
-			if (!ct_needs_refresh(e, flags, now))
+		refresh = ct_needs_refresh(e, flags, now);
+		if (lb_ct_member(e, svc->svc_id, gen, !refresh)) {
+			if (!refresh)
 				return LB_ACT_NAT;
 			f->flags = flags;
+			f->svc_gen = gen;
 			if (lb_svc_has_affinity(svc))
 				lb_affinity_touch(svc, f->client, f->backend_id, now);
 			lb_flow_save(f, now, c);
@@ -141,6 +172,7 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 		flags = ct_next_flags(0, p, 1);
 	}
 
+	f->svc_gen = gen;
 	b = lb_select_backend(svc, p, now, &backend_id, c);
 	if (!b)
 		return LB_ACT_REFUSE;

@@ -43,7 +43,8 @@ static __always_inline int lb_backend_is_local(const struct lb_backend_value *b)
  * address it had when a flow was pinned to it: the agent writes a backend before its
  * memberships and deletes it after them, and never gives its id to another endpoint
  * (ids come from the pinned id_state and are never reused). So a known flow needs this
- * one lookup, not the backend's. */
+ * one lookup, not the backend's, and only when its service's generation does not vouch for
+ * it (lb_ct_member() in flow.h). */
 static __always_inline int lb_is_member(__u32 svc_id, __u32 backend_id)
 {
 	struct lb_member_key mk = { .svc_id = svc_id, .backend_id = backend_id };

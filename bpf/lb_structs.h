@@ -24,7 +24,8 @@ struct lb_svc_value {
 	__u32 svc_id;		/* stable id: keys service_backends, service_members, affinity */
 	__u16 count;		/* active slots 0..count-1 in service_backends; 0 = refuse clients */
 	__u8 flags;		/* LB_SVC_F_* */
-	__u8 pad;		/* always 0 */
+	__u8 gen;		/* generation, raised by the agent once a backend has left the service:
+				 * 1..255, then 1 again (0: none kept); see lb_ct_member() */
 	__u32 affinity_timeout; /* seconds an idle ClientIP affinity lasts (LB_SVC_F_AFFINITY) */
 };
 
@@ -84,7 +85,7 @@ struct lb_ct_value {
 	__be16 nat_port;   /* forward: source port the backend sees (new sport: the client's or
 			    * the SNAT port); reverse: client port (new dport) */
 	__u8 flags;	   /* LB_CT_F_* */
-	__u8 pad;	   /* always 0 */
+	__u8 svc_gen;	   /* forward: the service's gen when the backend was last known in it */
 	__u16 pad2;	   /* always 0 */
 	__u32 pad3;	   /* always 0 */
 };

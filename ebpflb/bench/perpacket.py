@@ -1,8 +1,10 @@
 """Per-packet cost of the datapath by BPF_PROG_TEST_RUN, from `python -m ebpflb.datapath.bench`.
 
 The datapath's own bench is run as a child process (it compiles the program with
-bcc, fills the maps to each Service count and times every path) and its table is
-parsed, so this module depends on its printed table, not on its Python API.
+bcc into one datapath per Service count, times every path on all of them in
+interleaved rounds) and its tables are parsed: the ns per packet, and each count's
+ratio to the smallest (the median of per-round ratios). This module depends on the
+printed tables, not on the bench's Python API.
 """
 
 from __future__ import annotations
@@ -11,25 +13,30 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 PYTHON = sys.executable or "/usr/bin/python3"
 HEADER = "ns per packet"
+RATIO_HEADER = "ratio to "
+
+Table = dict[int, dict[str, float]]  # Service count -> path -> figure
 
 
 class PerPacketError(RuntimeError):
     """The datapath bench failed or printed no table."""
 
 
-def parse_table(text: str) -> dict[int, dict[str, float]]:
-    """{Service count: {path: ns}} from the bench's table.
+def parse_table(text: str, header: str = HEADER) -> Table:
+    """{Service count: {path: figure}} from the bench's table whose header line starts with
+    header ("ns per packet" by default).
 
-    The header line starts with "ns per packet" and ends with the counts
-    (1,000 style); every following line that ends in as many numbers is a path.
+    The header ends with the counts (1,000 style); every following line up to the first
+    empty one that ends in as many numbers is a path.
     """
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(HEADER)), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
     if start is None:
-        raise PerPacketError(f"no '{HEADER}' table in:\n{text[-2000:]}")
+        raise PerPacketError(f"no '{header}' table in:\n{text[-2000:]}")
     counts: list[int] = []
     for token in reversed(lines[start].split()):
         try:
@@ -39,8 +46,10 @@ def parse_table(text: str) -> dict[int, dict[str, float]]:
     counts.reverse()
     if not counts:
         raise PerPacketError(f"no Service counts in the header: {lines[start]!r}")
-    table: dict[int, dict[str, float]] = {n: {} for n in counts}
+    table: Table = {n: {} for n in counts}
     for line in lines[start + 1 :]:
+        if not line.strip():
+            break
         parts = line.split()
         if len(parts) <= len(counts):
             continue
@@ -54,10 +63,24 @@ def parse_table(text: str) -> dict[int, dict[str, float]]:
     return table
 
 
-def run_bench(
-    counts: Sequence[int], repeat: int, timeout: float = 900.0
-) -> dict[int, dict[str, float]]:
-    """One run of the datapath bench at each Service count (one compile, maps refilled)."""
+def parse_ratios(text: str) -> Table:
+    """{Service count: {path: ratio to the smallest count}} from the bench's ratio table;
+    {} if it printed none (a single count)."""
+    if not any(line.startswith(RATIO_HEADER) for line in text.splitlines()):
+        return {}
+    return parse_table(text, RATIO_HEADER)
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One run of the datapath bench: ns per packet, and ratios to the smallest count."""
+
+    table: Table
+    ratios: Table
+
+
+def run_bench(counts: Sequence[int], repeat: int, timeout: float = 900.0) -> BenchRun:
+    """One run of the datapath bench at the Service counts (a datapath each, all at once)."""
     argv = [PYTHON, "-m", "ebpflb.datapath.bench", "--services", ",".join(map(str, counts))]
     argv += ["--repeat", str(repeat)]
     try:
@@ -68,12 +91,12 @@ def run_bench(
         raise PerPacketError(
             f"the datapath bench failed ({done.returncode}): {done.stderr[-2000:]}"
         )
-    return parse_table(done.stdout)
+    return BenchRun(parse_table(done.stdout), parse_ratios(done.stdout))
 
 
-def median_table(rounds: Sequence[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+def median_table(rounds: Sequence[Table]) -> Table:
     """The median of each (count, path) over the rounds that have it."""
-    out: dict[int, dict[str, float]] = {}
+    out: Table = {}
     for r in rounds:
         for n, paths in r.items():
             for path in paths:

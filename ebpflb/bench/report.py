@@ -66,13 +66,17 @@ def dataplane_table(
     return _table(header, rows)
 
 
-def perpacket_table(median: Mapping[str, Mapping[str, float]]) -> str:
+def perpacket_table(
+    median: Mapping[str, Mapping[str, float]],
+    title: str = "ns per packet (minus an empty program)",
+    spec: str = ".0f",
+) -> str:
     counts = sorted(median, key=int)
     paths: list[str] = []
     for c in counts:
         paths += [p for p in median[c] if p not in paths]
-    header = ["ns per packet (minus an empty program)"] + [f"{int(c):,}" for c in counts]
-    rows = [[p] + [_num(median[c].get(p), ".0f") for c in counts] for p in paths]
+    header = [title] + [f"{int(c):,}" for c in counts]
+    rows = [[p] + [_num(median[c].get(p), spec) for c in counts] for p in paths]
     return _table(header, rows)
 
 
@@ -271,11 +275,21 @@ def markdown(results: Mapping[str, Any]) -> str:
         out += [
             "## Per-packet cost (BPF_PROG_TEST_RUN)",
             "",
-            f"`python -m ebpflb.datapath.bench`, median of {len(pp.get('rounds', []))} runs.",
+            f"`python -m ebpflb.datapath.bench`, median of {len(pp.get('rounds', []))} runs; "
+            "in each run every Service count has datapaths of its own (two) and the counts are "
+            "timed in interleaved rounds.",
             "",
             perpacket_table(pp["median"]),
             "",
         ]
+        if pp.get("ratio_median"):
+            first = min(map(int, pp["median"]))
+            out += [
+                perpacket_table(
+                    pp["ratio_median"], f"ratio to {first:,} (median of per-round ratios)", ".3f"
+                ),
+                "",
+            ]
     elif pp.get("error"):
         out += ["## Per-packet cost", "", f"failed: {pp['error']}", ""]
     control = results.get("control", {})

@@ -98,7 +98,8 @@ class Plan:
         return total
 
     def perpacket_units(self) -> float:
-        return 10 + sum(1 + n / 20_000 for n in self.perpacket_counts)
+        # two datapaths per count, each compiled and filled, then timed together
+        return 10 + 2 * sum(8 + n / 20_000 for n in self.perpacket_counts)
 
     def control_units(self) -> float:
         c = self.control
@@ -123,9 +124,11 @@ def judge(results: dict[str, Any]) -> None:
         for k, v in results.get("dataplane", {}).items()
     }
     summary = {int(k): v for k, v in results["summary"].items()}
-    median = {int(k): v for k, v in results.get("perpacket", {}).get("median", {}).items()}
+    pp = results.get("perpacket", {})
+    median = {int(k): v for k, v in pp.get("median", {}).items()}
+    ratios = {int(k): v for k, v in pp.get("ratio_median", {}).items()}
     control = results.get("control", {}).get("ebpflb", {})
-    verdicts = stats.evaluate(summary, median, control if isinstance(control, dict) else {})
+    verdicts = stats.evaluate(summary, median, control if isinstance(control, dict) else {}, ratios)
     results["targets"] = [asdict(v) for v in verdicts]
 
 
@@ -183,17 +186,24 @@ class Runner:
 
     def perpacket(self) -> None:
         p = self.plan
-        rounds: list[dict[int, dict[str, float]]] = []
+        runs: list[perpacket.BenchRun] = []
         try:
             for i in range(p.perpacket_rounds):
                 self.progress.say(f"per-packet cost: run {i + 1}/{p.perpacket_rounds}")
-                rounds.append(perpacket.run_bench(p.perpacket_counts, p.perpacket_repeat))
+                runs.append(perpacket.run_bench(p.perpacket_counts, p.perpacket_repeat))
                 self.progress.advance(p.perpacket_units())
                 self._load()
-            median = perpacket.median_table(rounds)
+
+            def by_count(tables: list[perpacket.Table]) -> list[dict[str, dict[str, float]]]:
+                return [{str(k): v for k, v in t.items()} for t in tables]
+
+            tables, ratios = [r.table for r in runs], [r.ratios for r in runs]
             self.results["perpacket"] = {
-                "rounds": [{str(k): v for k, v in r.items()} for r in rounds],
-                "median": {str(k): v for k, v in median.items()},
+                "rounds": by_count(tables),
+                "median": by_count([perpacket.median_table(tables)])[0],
+                # each count's ratio to the smallest, per run the median of per-round ratios
+                "ratio_rounds": by_count(ratios),
+                "ratio_median": by_count([perpacket.median_table(ratios)])[0],
             }
         except perpacket.PerPacketError as e:
             self.results["perpacket"] = {"error": str(e)}

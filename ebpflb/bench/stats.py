@@ -156,8 +156,11 @@ def evaluate(
     summary: Mapping[int, Mapping[str, Mapping[str, Mapping[str, float | None]]]],
     perpacket: Mapping[int, Mapping[str, float]],
     control: Mapping[str, object],
+    perpacket_ratios: Mapping[int, Mapping[str, float]] | None = None,
 ) -> list[Verdict]:
-    """Every target of the issue, against what this run measured."""
+    """Every target of the issue, against what this run measured. perpacket_ratios: each
+    Service count's per-packet cost as a ratio to the smallest count's, taken round by round
+    (the datapath bench's ratio table); without it the medians' ratio is used."""
     scales = sorted(summary)
 
     def services(n: int) -> str:
@@ -210,9 +213,13 @@ def evaluate(
     )
     growth: list[tuple[str, float | None]] = []
     if 1 in perpacket and 100_000 in perpacket:
+        paired = (perpacket_ratios or {}).get(100_000, {}) if min(perpacket) == 1 else {}
         for path in (hit, miss):
             a, b = perpacket[1].get(path), perpacket[100_000].get(path)
-            growth.append((path, None if a is None or b is None or a <= 0 else b / a - 1))
+            r = paired.get(path)
+            if r is None and a is not None and b is not None and a > 0:
+                r = b / a
+            growth.append((path, None if r is None else r - 1))
     out.append(
         _check(
             "per-packet cost at 100,000 Services within 5% of 1 Service",

@@ -145,6 +145,7 @@ class SyncStats:
     members_written: int = 0
     slots_written: int = 0
     services_written: int = 0
+    generations_written: int = 0  # services rewritten with a new gen: a backend left them
     services_deleted: int = 0
     slots_deleted: int = 0
     members_deleted: int = 0
@@ -161,7 +162,7 @@ class SyncStats:
 
 # The Programmer's image of the maps, in plain tuples (ports in host order,
 # addresses as lb_structs.h stores them; services keyed by SvcK, above):
-SvcV = tuple[int, int, int, int]  # (svc_id, count, flags, affinity_timeout)
+SvcV = tuple[int, int, int, int, int]  # (svc_id, count, flags, affinity_timeout, gen)
 Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
 # (svc_id, slot) or (svc_id, backend_id) as one int, pair(svc_id, x): at 100,000 entries per
@@ -240,10 +241,11 @@ class Programmer:
     def _load(self) -> None:
         m = self._maps
         # Rows are the structs' fields in order (see bpf/lb_structs.h).
+        rows = m.services.rows()
         self._state = _State(
             services={
-                (vip, ntohs(port), proto): (svc_id, count, flags, timeout)
-                for (vip, port, proto, _), (svc_id, count, flags, _, timeout) in m.services.rows()
+                (vip, ntohs(port), proto): (svc_id, count, flags, timeout, gen)
+                for (vip, port, proto, _), (svc_id, count, flags, gen, timeout) in rows
             },
             backends={
                 bid: (addr, ntohs(port), proto, flags)
@@ -349,7 +351,8 @@ class Programmer:
             for slot, bid in enumerate(assign_slots(old, bids)):
                 want.slots[base | slot] = bid
                 want.members[base | bid] = slot
-            want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout)
+            gen = current[4] if current and current[0] == svc_id else 0
+            want.services[key] = (svc_id, len(bids), fe.flags, fe.affinity_timeout, gen or 1)
         return want
 
     def _sync(self, owned: dict[Owner, list[Frontend]]) -> SyncStats:
@@ -360,7 +363,8 @@ class Programmer:
         self._ensure_all(want, stats)
         _sweep(m.services, have.services, want.services, _svc_kv, "services", stats)
         _sweep(m.service_backends, have.slots, want.slots, _pair_kv, "slots", stats)
-        _sweep(m.service_members, have.members, want.members, _pair_kv, "members", stats)
+        left = _sweep(m.service_members, have.members, want.members, _pair_kv, "members", stats)
+        self._raise_generations(left, want, stats)
         _sweep(m.backends, have.backends, want.backends, _backend_kv, "backends", stats)
 
         self._reindex()
@@ -403,6 +407,7 @@ class Programmer:
         left = _sweep(
             m.service_members, have.members, want.members, _pair_kv, "members", stats, old_members
         )
+        self._raise_generations(left, want, stats)
         self._refs.subtract(p & MAX_ID for p in left)
         unused = {p & MAX_ID for p in left if self._refs[p & MAX_ID] <= 0}
         for bid in unused:
@@ -423,6 +428,17 @@ class Programmer:
         result = SyncStats(**stats)
         log.debug("datapath update of %d owners: %s", len(changed), result)
         return result
+
+    def _raise_generations(self, left: list[Pair], want: _State, stats: Counter[str]) -> None:
+        """Backends have left these services (left: the memberships deleted): a new
+        generation for each that remains, written only now, makes the datapath look their
+        flows' memberships up again (lb_ct_member() in bpf/flow.h)."""
+        ids = {p >> 32 for p in left}
+        if not ids:
+            return
+        raised = {k: (*v[:4], v[4] % 0xFF + 1) for k, v in want.services.items() if v[0] in ids}
+        want.services.update(raised)
+        _ensure(self._maps.services, self._state.services, raised, _svc_kv, "generations", stats)
 
     def _save_ids(self) -> None:
         """The next ids into id_state, before any entry names a new one."""
@@ -480,7 +496,7 @@ _be32 = lru_cache(maxsize=1 << 16)(ip_to_be32)  # the same addresses, again and 
 
 def _svc_kv(k: SvcK, v: SvcV | None) -> tuple[Row, Row | None]:
     key = (k[0], port_to_be16(k[1]), k[2], 0)
-    return key, None if v is None else (v[0], v[1], v[2], 0, v[3])
+    return key, None if v is None else (v[0], v[1], v[2], v[4], v[3])
 
 
 def _backend_kv(k: int, v: BeV | None) -> tuple[Row, Row | None]:

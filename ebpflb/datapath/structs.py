@@ -70,13 +70,13 @@ class SvcValue(ctypes.Structure):
     svc_id: int
     count: int
     flags: int
-    pad: int
+    gen: int
     affinity_timeout: int
     _fields_ = [
         ("svc_id", c_uint32),
         ("count", c_uint16),
         ("flags", c_uint8),
-        ("pad", c_uint8),
+        ("gen", c_uint8),
         ("affinity_timeout", c_uint32),
     ]
 
@@ -140,7 +140,7 @@ class CtValue(ctypes.Structure):
     port: int
     nat_port: int
     flags: int
-    pad: int
+    svc_gen: int
     pad2: int
     pad3: int
     _fields_ = [
@@ -153,7 +153,7 @@ class CtValue(ctypes.Structure):
         ("port", c_uint16),
         ("nat_port", c_uint16),
         ("flags", c_uint8),
-        ("pad", c_uint8),
+        ("svc_gen", c_uint8),
         ("pad2", c_uint16),
         ("pad3", c_uint32),
     ]

@@ -15,6 +15,7 @@ from ebpflb.datapath.structs import (
     U32,
     AffinityKey,
     AffinityValue,
+    CtValue,
     MemberKey,
     SlotKey,
     ip_to_be32,
@@ -84,10 +85,25 @@ def test_backend_left_this_service_but_serves_another(lab: Lab) -> None:
     assert lab.counters()["reselects"] == 1
 
 
-def test_known_flow_trusts_the_membership_alone(lab: Lab) -> None:
-    """A known flow costs one lookup (its membership): a membership stands for its backend,
+def _raise_generation(lab: Lab, svc_id: int, to: int | None = None) -> int:
+    """What the agent does once it has deleted a membership of the service; returns the gen."""
+    key, value = next((k, v) for k, v in lab.dp.maps.services.items() if v.svc_id == svc_id)
+    value.gen = value.gen % 0xFF + 1 if to is None else to
+    lab.dp.maps.services.update(key, value)
+    return int(value.gen)
+
+
+def _forward_entry(lab: Lab, sport: int) -> CtValue:
+    return lab.ct()[("fwd", P.CLIENT, sport, P.VIP, 80)]
+
+
+def test_known_flow_trusts_its_generation_then_the_membership_alone(lab: Lab) -> None:
+    """A known flow needs no lookup but its service's while its entry holds the service's
+    generation: the agent raises it only after deleting a membership. Under another
+    generation it costs one lookup (its membership): a membership stands for its backend,
     which the agent deletes only after the memberships (and whose id it never gives to
-    another endpoint). The flow moves when the membership goes."""
+    another endpoint). The flow moves once the membership has gone and the generation has
+    been raised."""
     lab.sync(svc(B0, B1))
     sport = next(
         s for s in range(40000, 40100) if P.flow_hash(P.CLIENT, P.VIP, s, 80, IPPROTO_TCP) % 2 == 0
@@ -102,10 +118,64 @@ def test_known_flow_trusts_the_membership_alone(lab: Lab) -> None:
     m.backends.delete(U32(b0))  # by hand: the agent never leaves a member without a backend
     _, out = lab.run(P.tcp(sport=sport, flags="A"))
     assert P.dst(out)[0] == B0
+    gen = _raise_generation(lab, svc_id)  # another generation: the membership is looked up
+    _, out = lab.run(P.tcp(sport=sport, flags="A"))
+    assert P.dst(out)[0] == B0
+    assert _forward_entry(lab, sport).svc_gen == gen  # found a member: trusted from now on
     m.service_members.delete(MemberKey(svc_id, b0))
+    _, out = lab.run(P.tcp(sport=sport, flags="A"))
+    assert P.dst(out)[0] == B0  # the generation is not raised yet
+    _raise_generation(lab, svc_id)
     _, out = lab.run(P.tcp(sport=sport, flags="A"))
     assert P.dst(out)[0] == B1
     assert lab.counters()["reselects"] == 1
+
+
+@pytest.mark.parametrize("why", ["generation 0", "refresh due"])
+def test_the_membership_is_looked_up_whatever_the_generation(lab: Lab, why: str) -> None:
+    """Generation 0 (a service written without one, or maps from before them) never vouches,
+    nor does any generation for an entry due for a refresh (the 8-bit generation comes round
+    after 255 raises): the flow moves as soon as its membership is gone."""
+    lab.sync(svc(B0, B1))
+    svc_id = lab.programmer.service_id(P.VIP, 80, "TCP")
+    b0, b1 = lab.programmer.backend_id(B0, 8080, "TCP"), lab.programmer.backend_id(B1, 8080, "TCP")
+    assert svc_id is not None and b0 is not None and b1 is not None
+    if why == "generation 0":
+        _raise_generation(lab, svc_id, to=0)
+    sport = next(
+        s for s in range(40000, 40100) if P.flow_hash(P.CLIENT, P.VIP, s, 80, IPPROTO_TCP) % 2 == 0
+    )
+    _, out = lab.run(P.tcp(sport=sport))
+    assert P.dst(out)[0] == B0
+    lab.dp.maps.service_backends.update(SlotKey(svc_id, 0), U32(b1))  # keep selection off B0
+    lab.dp.maps.service_members.delete(MemberKey(svc_id, b0))
+    if why == "refresh due":
+        lab.age_ct(2)  # refreshed at most every second
+    _, out = lab.run(P.tcp(sport=sport, flags="A"))
+    assert P.dst(out)[0] == B1
+    assert lab.counters()["reselects"] == 1
+
+
+def test_the_agent_raises_the_generation_when_a_backend_leaves(lab: Lab) -> None:
+    """Through the Programmer: a backend joining keeps the generation (known flows keep
+    skipping the membership lookup), one leaving raises it (and its flows move)."""
+    lab.sync(svc(B0))
+    svc_id = lab.programmer.service_id(P.VIP, 80, "TCP")
+
+    def gen() -> int:
+        return next(int(v.gen) for _, v in lab.dp.maps.services.items() if v.svc_id == svc_id)
+
+    first = gen()
+    assert first != 0
+    lab.run(P.tcp())
+    assert _forward_entry(lab, 40000).svc_gen == first
+    lab.sync(svc(B0, B1))
+    assert gen() == first
+    lab.sync(svc(B1))
+    assert gen() == first + 1
+    _, out = lab.run(P.tcp(flags="A"))
+    assert P.dst(out)[0] == B1
+    assert _forward_entry(lab, 40000).svc_gen == first + 1
 
 
 def test_recreated_service_balances_old_tuples_anew(lab: Lab) -> None:

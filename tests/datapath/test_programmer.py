@@ -53,7 +53,7 @@ CHANGES = [
     (
         "remove-last-slot",  # B[2] sits in the last slot: nothing moves
         lambda d: [fe("10.96.0.1", 80, B[0], B[1]), *d[1:]],
-        SyncStats(services_written=1, slots_deleted=1, members_deleted=1),
+        SyncStats(services_written=1, slots_deleted=1, members_deleted=1, generations_written=1),
     ),
     (
         "remove-first-slot",  # B[2] moves into slot 0
@@ -64,12 +64,19 @@ CHANGES = [
             members_written=1,
             slots_deleted=1,
             members_deleted=1,
+            generations_written=1,
         ),
     ),
     (
         "replace-backend",  # B[7] takes B[1]'s slot; B[1] still serves port 443
         lambda d: [fe("10.96.0.1", 80, B[0], B[7], B[2]), *d[1:]],
-        SyncStats(backends_written=1, members_written=1, slots_written=1, members_deleted=1),
+        SyncStats(
+            backends_written=1,
+            members_written=1,
+            slots_written=1,
+            members_deleted=1,
+            generations_written=1,
+        ),
     ),
     (
         "affinity-on",

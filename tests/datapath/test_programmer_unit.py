@@ -139,6 +139,63 @@ def test_a_failed_sync_is_repaired_by_the_next(
     assert programmer.dump() == sorted(second, key=Frontend.sort_key)
 
 
+class LoggedMap(DictMap[ctypes.Structure, ctypes.Structure]):
+    """Logs the writes the datapath's generation check depends on, in order."""
+
+    log: list[str] = []
+
+    def update(self, key: ctypes.Structure, value: ctypes.Structure) -> None:
+        super().update(key, value)
+        if self.name == "services":
+            self.log.append(f"gen {value.gen}")  # type: ignore[attr-defined]
+
+    def delete(self, key: ctypes.Structure) -> bool:
+        if self.name == "service_members":
+            self.log.append(f"backend {key.backend_id} out")  # type: ignore[attr-defined]
+        return super().delete(key)
+
+
+def test_a_backend_leaving_raises_the_generation_after_its_membership_went() -> None:
+    """The datapath skips a known flow's membership lookup while its entry holds the
+    service's generation (bpf/flow.h), so a leaving backend's membership must go first and
+    the generation be raised after, by sync() and update() alike; a backend joining leaves
+    it alone. 255 is followed by 1 (0 means "none kept"), and a service adopted with 0
+    gets a generation at the next sync."""
+    plain = fake_maps()
+    logged = {
+        name: LoggedMap(getattr(plain, name).key_type, getattr(plain, name).value_type, name)
+        for name in ("services", "service_members")
+    }
+    maps = dataclasses.replace(plain, **logged)
+    log = LoggedMap.log = []
+    p = Programmer(maps)
+    a, b, c = PODS[:3]
+    p.sync([Frontend(VIPS[0], 80, "TCP", (a, b))])
+    (bid_b,) = [p.backend_id(b.ip, b.port, "TCP")]
+    p.sync([Frontend(VIPS[0], 80, "TCP", (a, b, c))])
+    assert log == ["gen 1", "gen 1"]  # written for the count: the same generation
+    log.clear()
+    p.sync([Frontend(VIPS[0], 80, "TCP", (a, c))])
+    assert log == ["gen 1", f"backend {bid_b} out", "gen 2"]
+    log.clear()
+    bid_a = p.backend_id(a.ip, a.port, "TCP")
+    p.update({None: [Frontend(VIPS[0], 80, "TCP", (c,))]})
+    assert log == ["gen 2", f"backend {bid_a} out", "gen 3"]
+
+    def restart_at(gen: int) -> Programmer:
+        """An agent restarted on maps whose service has that generation: it adopts it."""
+        ((key, value),) = maps.services.items()
+        value.gen = gen
+        maps.services.update(key, value)
+        log.clear()
+        return Programmer(maps)
+
+    restart_at(0xFF).sync([Frontend(VIPS[0], 80, "TCP", (a,))])  # c leaves, a joins
+    assert log == [f"backend {p.backend_id(c.ip, c.port, 'TCP')} out", "gen 1"]
+    restart_at(0).sync([Frontend(VIPS[0], 80, "TCP", (a,))])  # nothing changes
+    assert log == ["gen 1"]
+
+
 def test_ids_stay_stable_and_are_not_reused() -> None:
     maps = fake_maps()
     p = Programmer(maps)
