@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 from ebpflb.agent.desired import DesiredState
 from ebpflb.agent.healthcheck import HealthChecks
 from ebpflb.agent.links import BridgePorts
-from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
+from ebpflb.agent.watcher import Changes, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, TlsConfig
 from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, DatapathConfig, ExternalMode
@@ -189,8 +189,9 @@ class Agent:
                 backoff = min(backoff * 2, 2.0)
 
     def _handle(self, msg: Message) -> None:
-        if isinstance(msg, Change):
-            self.state.update(msg.key, msg.obj)  # type: ignore[arg-type]
+        if isinstance(msg, Changes):
+            for change in msg.changes:
+                self.state.update(change.key, change.obj)  # type: ignore[arg-type]
         elif isinstance(msg, Relist):
             self.synced.discard(msg.kind)
             self.state.reset(msg.kind)
