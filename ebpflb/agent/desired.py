@@ -295,6 +295,11 @@ class DesiredState:
     def dirty(self) -> bool:
         return bool(self._dirty)
 
+    @property
+    def pending(self) -> int:
+        """How many Services changed since the last changes()."""
+        return len(self._dirty)
+
     def _recompute(self) -> set[Key]:
         """Frontends and health checks of the Services changed since the last call;
         returns those Services."""
