@@ -437,10 +437,11 @@ class Registry:
             desired: list[tuple[Key, pb.Object]] = []
             if svc_obj is not None:
                 svc = svc_obj.service
-                selector = tuple(sorted(svc.spec.selector.items()))
+                spec = svc.spec
+                sel = spec.selector  # read by key: its items() view runs in Python
+                selector = tuple(sorted((k, sel[k]) for k in sel))
                 ports = tuple(
-                    (p.name, p.protocol, p.port, int_or_string(p.target_port))
-                    for p in svc.spec.ports
+                    (p.name, p.protocol, p.port, int_or_string(p.target_port)) for p in spec.ports
                 )
                 shape = shapes.get((skey.namespace, selector, ports))
                 if shape is None:
