@@ -173,7 +173,7 @@ Endpoint = tuple[int, int, int, int]  # (addr, port, proto, flags)
 BeV = tuple[int, int, int, int]  # (addr, port, proto, flags)
 # One service's entries of service_backends (slot -> backend_id) or of service_members
 # (backend_id -> slot): the image keeps them by svc_id, as a service's entries are worked
-# out, compared and written together (200,000 entries of a bulk, one by one, cost seconds).
+# out, compared and written together (a bulk's 200,000 entries one by one took ~0.5 s).
 Group = dict[int, int]
 # Who a frontend belongs to (the agent: its Service's key); update() replaces what one owner has.
 Owner = Hashable
