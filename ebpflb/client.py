@@ -139,12 +139,15 @@ class Watch:
 
     def __iter__(self) -> Iterator[pb.WatchEvent]:
         """Every event, one by one (a BATCH message's events in order)."""
+        for events in self.messages():
+            yield from events
+
+    def messages(self) -> Iterator[Sequence[pb.WatchEvent]]:
+        """The events message by message: a BATCH message's events together (what the
+        registry had ready at once), any other event alone."""
         try:
             for ev in self._call:
-                if ev.type == pb.WatchEvent.BATCH:
-                    yield from ev.batch
-                else:
-                    yield ev
+                yield ev.batch if ev.type == pb.WatchEvent.BATCH else (ev,)
         except grpc.RpcError as e:
             if self._cancelled.is_set() and _call(e).code() == grpc.StatusCode.CANCELLED:
                 return

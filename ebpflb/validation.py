@@ -12,6 +12,7 @@ the nodePort free) belong to the allocators, not here.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +21,8 @@ from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.labels import (
     dns1123_subdomain_errors,
     go_quote,
+    is_label_key,
+    is_label_value,
     label_key_errors,
     label_value_errors,
     max_len_error,
@@ -176,7 +179,6 @@ _DNS1035_LABEL_MSG = (
 DNS_LABEL_MAX_LENGTH = 63
 IANA_SVC_NAME_MAX_LENGTH = 15
 _IANA_CHARSET_RE = re.compile("[-a-z0-9]+")
-_IPV4_RE = re.compile(r"(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}")
 _PREFIX_LEN_RE = re.compile(r"0|[1-9][0-9]?")
 
 
@@ -255,8 +257,13 @@ def is_iana_svc_name(value: str) -> bool:
 
 
 def is_ipv4(value: str) -> bool:
-    """A dotted quad, each part 0-255 without leading zeros (`10.96.0.1`)."""
-    return bool(_IPV4_RE.fullmatch(value)) and all(int(p) <= 255 for p in value.split("."))
+    """A dotted quad, each part 0-255 without leading zeros (`10.96.0.1`): what glibc's
+    inet_pton takes (and in a tenth of the time of a pattern and four int() calls)."""
+    try:
+        socket.inet_pton(socket.AF_INET, value)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+    return True
 
 
 def is_ipv4_cidr(value: str) -> bool:
@@ -358,7 +365,7 @@ def validate(obj: pb.Object, old: pb.Object | None = None) -> list[FieldError]:
     if old is not None and old.WhichOneof("kind") != which:
         raise ValueError(f"cannot validate a {which} as an update of a {old.WhichOneof('kind')}")
     if which == "service":
-        errs = list(_service(obj.service))
+        errs = [] if _plain_service(obj.service) else list(_service(obj.service))
         if old is not None:
             errs += _service_update(obj.service, old.service)
         return errs
@@ -471,6 +478,68 @@ def _service(svc: pb.Service) -> Errors:
         seen.add(key)
     yield from _traffic_policies(spec)
     yield from _ip_families(spec)
+
+
+def _plain_service(svc: pb.Service) -> bool:
+    """True when svc has the usual shape (a ClusterIP Service of TCP/UDP ports, no
+    annotations, affinity, node ports or dual-stack fields) and passes _service()'s
+    rules for it: checked in a fraction of _service()'s time, which was most of a bulk
+    Apply. False sends svc the long way, which words every error; it never decides
+    that something is wrong."""
+    meta, spec = svc.metadata, svc.spec
+    if (
+        svc.api_version not in ("", "v1")
+        or svc.kind not in ("", "Service")
+        or meta.generation < 0
+        or meta.annotations
+        or not is_dns1035_label(meta.name)
+        or not is_dns1123_label(meta.namespace)
+        or not _plain_labels(meta.labels)
+        or not _plain_labels(spec.selector)
+        or spec.type != CLUSTER_IP
+        or spec.session_affinity != AFFINITY_NONE
+        or spec.HasField("session_affinity_config")
+        or spec.external_traffic_policy
+        or spec.health_check_node_port
+        or spec.internal_traffic_policy not in (POLICY_CLUSTER, POLICY_LOCAL)
+        or spec.ip_family_policy not in ("", "SingleStack", "PreferDualStack")
+        or len(spec.ip_families) > 1
+        or (spec.ip_families and spec.ip_families[0] != IPV4)
+    ):
+        return False
+    ip, ips = spec.cluster_ip, spec.cluster_ips
+    ip_ok = ip == "" or is_ipv4(ip)
+    if not ip_ok or not (len(ips) == 0 or (len(ips) == 1 and ip != "" and ips[0] == ip)):
+        return False
+    ports = spec.ports
+    if not ports:
+        return False
+    names: set[str] = set()
+    seen: set[tuple[int, str]] = set()
+    for port in ports:
+        target = int_or_string(port.target_port)
+        if (
+            port.node_port
+            or port.app_protocol
+            or not 1 <= port.port <= 65535
+            or port.protocol not in PROTOCOLS
+            or (port.port, port.protocol) in seen
+            or not (
+                (isinstance(target, int) and 1 <= target <= 65535)
+                or (isinstance(target, str) and target != "" and is_iana_svc_name(target))
+            )
+        ):
+            return False
+        seen.add((port.port, port.protocol))
+        if port.name or len(ports) > 1:
+            if port.name in names or not is_dns1123_label(port.name):
+                return False
+            names.add(port.name)
+    return True
+
+
+def _plain_labels(labels: Mapping[str, str]) -> bool:
+    return not labels or all(is_label_key(k) and is_label_value(labels[k]) for k in labels)
 
 
 def _service_type(type_: str) -> Errors:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import ipaddress
 import logging
 import queue
@@ -17,11 +16,12 @@ from pyroute2 import IPRoute
 from ebpflb.agent.desired import DesiredState
 from ebpflb.agent.healthcheck import HealthChecks
 from ebpflb.agent.links import BridgePorts
-from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
+from ebpflb.agent.watcher import Changes, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, TlsConfig
 from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, DatapathConfig, ExternalMode
 from ebpflb.datapath.programmer import Programmer
+from ebpflb.heap import bulk_objects
 from ebpflb.objects import wrap
 
 log = logging.getLogger("ebpflb.agent")
@@ -29,7 +29,8 @@ log = logging.getLogger("ebpflb.agent")
 WATCHED = ("Service", "EndpointSlice")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ebpflb"
 MAX_NODE_IPS = 4  # LB_MAX_NODE_IPS in bpf/lb_structs.h
-FREEZE_AFTER = 10_000  # map entries written or deleted by one programming (a bulk)
+TRIM_AFTER = 10_000  # map entries written or deleted by one programming (a bulk)
+BULK_SERVICES = 500  # Services programmed at once that make a bulk of objects
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ class Agent:
                 backoff = min(backoff * 2, 2.0)
 
     def _handle(self, msg: Message) -> None:
-        if isinstance(msg, Change):
-            self.state.update(msg.key, msg.obj)  # type: ignore[arg-type]
+        if isinstance(msg, Changes):
+            for change in msg.changes:
+                self.state.update(change.key, change.obj)  # type: ignore[arg-type]
         elif isinstance(msg, Relist):
             self.synced.discard(msg.kind)
             self.state.reset(msg.kind)
@@ -244,10 +246,12 @@ class Agent:
         the next one full."""
         reason = self.full_resync
         try:
-            if reason:
-                stats = self.programmer.sync(self.state.by_service(), full=True)
-            else:
-                stats = self.programmer.update(self.state.changes())
+            # The records and the map image are acyclic and live long (heap.bulk_objects).
+            with bulk_objects(bool(reason) or self.state.pending >= BULK_SERVICES):
+                if reason:
+                    stats = self.programmer.sync(self.state.by_service(), full=True)
+                else:
+                    stats = self.programmer.update(self.state.changes())
             self.health.sync(self.state.health_checks())
             self.syncs += 1
             self.full_resync = ""
@@ -260,12 +264,7 @@ class Agent:
             log.info("full sync (%s): %d Services; %s", reason, len(self.state.services), stats)
         else:
             log.debug("sync %d: %s", self.syncs, stats)
-        if stats.written + stats.deleted >= FREEZE_AFTER:
-            # The records and the map image are acyclic (reference counting frees them):
-            # out of the collector's sight, they no longer make every full collection
-            # walk 10^5 objects, which a change would wait for. (No collection first:
-            # it would stall the rest of a bulk that comes in several parts.)
-            gc.freeze()
+        if stats.written + stats.deleted >= TRIM_AFTER:
             release_free_memory()
 
     def shutdown(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -106,23 +107,53 @@ class SliceRecord(NamedTuple):
 
     @classmethod
     def of(cls, es: pb.EndpointSlice, node: str) -> SliceRecord:
-        endpoints = []  # (address, local, ready, fallback) of those with an address
-        for ep in es.endpoints:
-            if ep.addresses:
-                c = ep.conditions
-                ready = c.ready if c.HasField("ready") else True  # endpoint_ready()
-                # Serving (else ready: not) and terminating: endpoint_serving() when not ready.
-                fallback = not ready and c.HasField("serving") and c.serving and c.terminating
-                endpoints.append((ep.addresses[0], ep.node_name == node, ready, fallback))
-        ports = []
-        for p in es.ports:
-            made = [(_checked_backend(ip, p.port, local), r, f) for ip, local, r, f in endpoints]
-            ready_bs = tuple(b for b, r, _ in made if b is not None and r)
-            fallback_bs = tuple(b for b, _, f in made if b is not None and f)
-            protocol = _intern(p.protocol or "TCP")
-            ports.append(SlicePort(_intern(p.name), protocol, ready_bs, fallback_bs))
-        local_ready = tuple(ip for ip, local, ready, _ in endpoints if local and ready)
-        return cls(es.metadata.labels.get(SERVICE_NAME_LABEL, ""), tuple(ports), local_ready)
+        ports, local_ready = _slice_content(es, node)
+        return cls(es.metadata.labels.get(SERVICE_NAME_LABEL, ""), ports, local_ready)
+
+
+SliceContent = tuple[tuple[SlicePort, ...], tuple[str, ...]]  # SliceRecord's ports, local_ready
+# The last slice contents worked out, by their serialized endpoints and ports and the node.
+_slice_contents: dict[tuple[tuple[bytes, ...], tuple[bytes, ...], str], SliceContent] = {}
+_slice_contents_lock = threading.Lock()
+SLICE_CONTENTS_KEPT = 1024
+
+
+def _slice_content(es: pb.EndpointSlice, node: str) -> SliceContent:
+    """The slice's ports with their backends, and its local ready addresses. Slices of
+    Services that select the same Pods differ only in their metadata: their content is
+    worked out once and their records share it (serializing it to look it up costs a
+    quarter of working it out)."""
+    key = (
+        tuple(ep.SerializeToString() for ep in es.endpoints),
+        tuple(p.SerializeToString() for p in es.ports),
+        node,
+    )
+    made = _slice_contents.get(key)
+    if made is not None:
+        return made
+    endpoints = []  # (address, local, ready, fallback) of those with an address
+    for ep in es.endpoints:
+        if ep.addresses:
+            c = ep.conditions
+            ready = c.ready if c.HasField("ready") else True  # endpoint_ready()
+            # Serving (else ready: not) and terminating: endpoint_serving() when not ready.
+            fallback = not ready and c.HasField("serving") and c.serving and c.terminating
+            endpoints.append((ep.addresses[0], ep.node_name == node, ready, fallback))
+    ports = []
+    for p in es.ports:
+        port = p.port
+        made_bs = [(_checked_backend(ip, port, local), r, f) for ip, local, r, f in endpoints]
+        ready_bs = tuple(b for b, r, _ in made_bs if b is not None and r)
+        fallback_bs = tuple(b for b, _, f in made_bs if b is not None and f)
+        protocol = _intern(p.protocol or "TCP")
+        ports.append(SlicePort(_intern(p.name), protocol, ready_bs, fallback_bs))
+    local_ready = tuple(ip for ip, local, ready, _ in endpoints if local and ready)
+    made = (tuple(ports), local_ready)
+    with _slice_contents_lock:  # records are made on any thread (DesiredState.record)
+        _slice_contents[key] = made
+        if len(_slice_contents) > SLICE_CONTENTS_KEPT:
+            del _slice_contents[next(iter(_slice_contents))]  # the oldest
+    return made
 
 
 Record = ServiceRecord | SliceRecord
@@ -264,6 +295,11 @@ class DesiredState:
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
+
+    @property
+    def pending(self) -> int:
+        """How many Services changed since the last changes()."""
+        return len(self._dirty)
 
     def _recompute(self) -> set[Key]:
         """Frontends and health checks of the Services changed since the last call;

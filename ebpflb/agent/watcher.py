@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,15 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """The changes one watch message brought, in order: queued together, so that a bulk's
+    thousands of events cost the agent a few queue operations, not one each."""
+
+    kind: str
+    changes: list[Change]
+
+
+@dataclass(frozen=True)
 class Relist:
     """The watch of `kind` restarts from scratch: forget what it said before."""
 
@@ -39,7 +48,7 @@ class Synced:
     kind: str
 
 
-Message = Change | Relist | Synced
+Message = Changes | Relist | Synced
 
 
 class KindWatcher(threading.Thread):
@@ -82,10 +91,10 @@ class KindWatcher(threading.Thread):
                     # The current state comes first as ADDED events, ending in a BOOKMARK.
                     self.out.put(Relist(self.kind))
                 self._watch = self.client.watch(kind=self.kind, resource_version=self.revision)
-                for ev in self._watch:
+                for events in self._watch.messages():
                     backoff = 0.05
                     self.connected.set()
-                    listing = self._handle(ev, listing)
+                    listing = self._handle(events, listing)
                     if self.stop_event.is_set():
                         return
             except RegistryError as e:
@@ -100,17 +109,30 @@ class KindWatcher(threading.Thread):
             self.stop_event.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _handle(self, ev: pb.WatchEvent, listing: bool) -> bool:
-        """Queue one event; returns whether the initial list is still being sent."""
-        if ev.type == pb.WatchEvent.BOOKMARK:
-            self.revision = ev.resource_version
-            if listing:
-                self.out.put(Synced(self.kind))
-            return False
-        obj = ev.object
-        kept = None if ev.type == pb.WatchEvent.DELETED else self.keep(obj)
-        self.out.put(Change(self.kind, kept, key_of(obj)))
-        if not listing:
-            # Listed objects carry their own (older) revisions: resume only from live ones.
-            self.revision = ev.resource_version
+    def _handle(self, events: Sequence[pb.WatchEvent], listing: bool) -> bool:
+        """Queue one message's events; returns whether the initial list is still being sent."""
+        changes: list[Change] = []
+        revision = self.revision
+        for ev in events:
+            if ev.type == pb.WatchEvent.BOOKMARK:
+                revision = ev.resource_version
+                if listing:
+                    self._queue(changes, revision)
+                    changes = []
+                    self.out.put(Synced(self.kind))
+                listing = False
+                continue
+            obj = ev.object
+            kept = None if ev.type == pb.WatchEvent.DELETED else self.keep(obj)
+            changes.append(Change(self.kind, kept, key_of(obj)))
+            if not listing:
+                # Listed objects carry their own (older) revisions: resume only from live ones.
+                revision = ev.resource_version
+        self._queue(changes, revision)
         return listing
+
+    def _queue(self, changes: list[Change], revision: str) -> None:
+        """Queue changes; a watch that starts again resumes after them (revision)."""
+        if changes:
+            self.out.put(Changes(self.kind, changes))
+        self.revision = revision

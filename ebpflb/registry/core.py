@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ebpflb import labels
 from ebpflb.api.v1 import registry_pb2 as pb
+from ebpflb.heap import bulk_objects
 from ebpflb.labels import go_quote
 from ebpflb.objects import (
     DEFAULT_NAMESPACE,
@@ -56,6 +57,7 @@ from ebpflb.validation import apply_defaults, validate
 BOOKMARK = pb.WatchEvent.BOOKMARK
 # How often a write is tried again after other registries sharing the store wrote first.
 CONFLICT_TRIES = 50
+BULK_OBJECTS = 1000  # an Apply of this many objects is a bulk (see apply())
 
 log = logging.getLogger("ebpflb.registry")
 
@@ -435,10 +437,11 @@ class Registry:
             desired: list[tuple[Key, pb.Object]] = []
             if svc_obj is not None:
                 svc = svc_obj.service
-                selector = tuple(sorted(svc.spec.selector.items()))
+                spec = svc.spec
+                sel = spec.selector  # read by key: its items() view runs in Python
+                selector = tuple(sorted((k, sel[k]) for k in sel))
                 ports = tuple(
-                    (p.name, p.protocol, p.port, int_or_string(p.target_port))
-                    for p in svc.spec.ports
+                    (p.name, p.protocol, p.port, int_or_string(p.target_port)) for p in spec.ports
                 )
                 shape = shapes.get((skey.namespace, selector, ports))
                 if shape is None:
@@ -493,32 +496,36 @@ class Registry:
     @_retried
     def apply(self, objects: list[pb.Object], dry_run: bool = False) -> ApplyResult:
         """Create or update every object, atomically: all are stored or none."""
-        with self._lock:
-            self._check_open()
-            txn = self._begin()
-            out: list[pb.Object] = []
-            results: list[str] = []
-            wire: list[bytes] = []
-            try:
-                for obj in objects:
-                    before = len(txn.events)
-                    stored, result = self._apply_one(txn, obj)
-                    out.append(stored)
-                    results.append(result)
-                    # Its bytes are those of the event it made, if it made one.
-                    wire.append(txn.events[-1].data if len(txn.events) > before else b"")
-                if dry_run:
-                    self._sync_endpoints(txn)
-                    self._rollback(txn)
-                else:
-                    self._commit(txn)
-            except RegistryError:
+        # What a bulk stores lives as long as the registry.
+        with self._lock, bulk_objects(len(objects) >= BULK_OBJECTS):
+            return self._apply(objects, dry_run)
+
+    def _apply(self, objects: list[pb.Object], dry_run: bool) -> ApplyResult:
+        self._check_open()
+        txn = self._begin()
+        out: list[pb.Object] = []
+        results: list[str] = []
+        wire: list[bytes] = []
+        try:
+            for obj in objects:
+                before = len(txn.events)
+                stored, result = self._apply_one(txn, obj)
+                out.append(stored)
+                results.append(result)
+                # Its bytes are those of the event it made, if it made one.
+                wire.append(txn.events[-1].data if len(txn.events) > before else b"")
+            if dry_run:
+                self._sync_endpoints(txn)
                 self._rollback(txn)
-                raise
-            except Exception:
-                self._rollback(txn)
-                raise
-            return ApplyResult(out, results, wire)
+            else:
+                self._commit(txn)
+        except RegistryError:
+            self._rollback(txn)
+            raise
+        except Exception:
+            self._rollback(txn)
+            raise
+        return ApplyResult(out, results, wire)
 
     def _apply_one(self, txn: _Txn, given: pb.Object) -> tuple[pb.Object, str]:
         if given.WhichOneof("kind") is None:

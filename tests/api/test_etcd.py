@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ebpflb.agent.watcher import Change, KindWatcher, Message, Relist, Synced
+from ebpflb.agent.watcher import Changes, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, RegistryUnavailable, Watch
 from ebpflb.objects import from_manifest
@@ -225,7 +225,8 @@ def test_client_and_agent_watcher_fail_over_when_a_registry_dies(
         watcher.start()
         try:
             assert isinstance(out.get(timeout=30), Relist)
-            assert isinstance(out.get(timeout=30), Change)
+            listed = out.get(timeout=30)
+            assert isinstance(listed, Changes) and len(listed.changes) == 1
             assert isinstance(out.get(timeout=30), Synced)
             ra.kill(signal.SIGKILL)
             killed = time.monotonic()
@@ -235,8 +236,9 @@ def test_client_and_agent_watcher_fail_over_when_a_registry_dies(
             msg = out.get(timeout=30)
             watch_failover = time.monotonic() - killed
             # Resumed from its revision on B: the new Service only, no relist.
-            assert isinstance(msg, Change) and msg.obj is not None
-            assert msg.obj.service.metadata.name == "after"
+            assert isinstance(msg, Changes) and len(msg.changes) == 1
+            obj = msg.changes[0].obj
+            assert obj is not None and obj.service.metadata.name == "after"
             time.sleep(0.5)
             assert out.empty()
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from ebpflb.agent.watcher import Changes, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.api.v1 import registry_pb2_grpc as pb_grpc
 from ebpflb.client import RegistryClient
@@ -514,6 +516,35 @@ def test_a_burst_comes_batched_to_a_client_that_takes_batches(
         flat = [ev for ev, _ in zip(watch, range(50), strict=False)]
         watch.cancel()
     assert [e.SerializeToString() for e in flat] == [e.SerializeToString() for e in plain]
+
+
+def test_the_agents_watcher_queues_a_burst_as_few_messages(
+    stub: pb_grpc.RegistryStub, registry_addr: str
+) -> None:
+    """The agent's KindWatcher queues the changes of one watch message together: the
+    listing as one Changes before Synced, a 50-Service Apply as one more, in order; it
+    resumes after the last change it queued."""
+    apply(stub, *(svc(f"listed{i}") for i in range(3)))
+    out: queue.Queue[Message] = queue.Queue()
+    stop = threading.Event()
+    with RegistryClient(registry_addr) as client:
+        watcher = KindWatcher(client, "Service", out, stop)
+        watcher.start()
+        try:
+            assert out.get(timeout=10) == Relist("Service")
+            listed = out.get(timeout=10)
+            assert out.get(timeout=10) == Synced("Service")
+            burst = apply(stub, *(svc(f"burst{i}") for i in range(50))).objects
+            got = out.get(timeout=10)
+        finally:
+            stop.set()
+            watcher.cancel()
+            watcher.join(timeout=10)
+    assert isinstance(listed, Changes)
+    assert [c.key.name for c in listed.changes] == [f"listed{i}" for i in range(3)]
+    assert isinstance(got, Changes) and out.empty()
+    assert [c.obj.service.metadata.name for c in got.changes] == [f"burst{i}" for i in range(50)]
+    assert watcher.revision == burst[-1].service.metadata.resource_version
 
 
 def test_watch_resumes_across_a_registry_restart(registry_process: RegistryProcess) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebpflb.agent.desired import DesiredState, service_frontends
+from ebpflb.agent.desired import DesiredState, SliceRecord, service_frontends
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.datapath.fake import fake_maps
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
@@ -220,6 +220,22 @@ def named(obj: pb.Object, name: str, service: str) -> pb.Object:
     if out.HasField("endpoint_slice"):
         meta.labels["kubernetes.io/service-name"] = service
     return out
+
+
+def test_slices_of_the_same_pods_share_one_worked_out_content() -> None:
+    """Services selecting the same Pods have slices that differ in name alone: their
+    records share ports and backends; any other difference is another content."""
+    a = es("web-1", [ep("10.0.0.1"), ep("10.0.0.2", ready=False)], HTTP)
+    b = named(a, "other-1", "other")
+    ra, rb = SliceRecord.of(a.endpoint_slice, "n1"), SliceRecord.of(b.endpoint_slice, "n1")
+    assert (ra.service, rb.service) == ("web", "other")
+    assert ra.ports is rb.ports and ra.local_ready == rb.local_ready == ("10.0.0.1",)
+    ready = es("web-1", [ep("10.0.0.1"), ep("10.0.0.2", ready=True)], HTTP)
+    assert len(SliceRecord.of(ready.endpoint_slice, "n1").ports[0].ready) == 2
+    other_port = es("web-1", [ep("10.0.0.1"), ep("10.0.0.2", ready=False)], [("http", "TCP", 81)])
+    assert SliceRecord.of(other_port.endpoint_slice, "n1").ports[0].ready[0].port == 81
+    elsewhere = SliceRecord.of(a.endpoint_slice, "n2")
+    assert elsewhere.local_ready == () and not elsewhere.ports[0].ready[0].local
 
 
 SERVICES = ("web-0", "web-1", "web-2")

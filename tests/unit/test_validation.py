@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ebpflb import validation
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.objects import from_manifest, load_documents
 from ebpflb.validation import (
@@ -927,3 +930,89 @@ def test_field_error_kind() -> None:
 )
 def test_format_helpers(check: Any, value: str, expected: bool) -> None:
     assert check(value) is expected
+
+
+# ------------------------------------------------------------------ the fast path for Services
+
+
+class _Picker:
+    """Draws a valid value for every field but one, the broken one (or none): each rule
+    is broken on its own, in a Service otherwise of the usual shape."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+        self.broken = draw(st.integers(0, 45))  # the how-many-th pick; past the last: none
+        self.picks = 0
+
+    def __call__(self, valid: list[Any], invalid: list[Any]) -> Any:
+        self.picks += 1
+        return self.draw(st.sampled_from(invalid if self.picks == self.broken else valid))
+
+
+def _service_msg(draw: st.DrawFn) -> pb.Service:
+    """A Service of the usual shape with (mostly) one field made invalid, defaulted or not."""
+    pick = _Picker(draw)
+    s = pb.Service(api_version=pick(["v1", ""], ["v2"]))
+    s.kind = pick(["Service", ""], ["Pod"])
+    s.metadata.name = pick(["web", "web-1", "a"], ["Web", "1web", "web.1", "", "a" * 64])
+    s.metadata.namespace = pick(["default", "kube-system"], ["", "Default", "a.b"])
+    s.metadata.generation = pick([0, 3], [-1])
+    keys, bad_keys = ["app", "example.com/app"], ["a/b/c", "-x", "", "x" * 64, "/app"]
+    values, bad_values = ["web", "", "v1.2_3"], ["-v", "v" * 64, "a b"]
+    for labels in (s.metadata.labels, s.spec.selector):
+        for _ in range(draw(st.integers(0, 2))):
+            labels[pick(keys, bad_keys)] = pick(values, bad_values)
+    s.metadata.annotations.update(pick([{}], [{"note": "x"}, {"-bad": "x"}]))
+    spec = s.spec
+    spec.type = pick(["ClusterIP"], ["", "NodePort", "LoadBalancer", "Foo"])
+    spec.session_affinity = pick(["None"], ["", "ClientIP", "Sticky"])
+    if pick([False], [True]):
+        spec.session_affinity_config.client_ip.timeout_seconds = draw(st.sampled_from([0, 60]))
+    spec.external_traffic_policy = pick([""], ["Cluster", "Local", "Bad"])
+    spec.health_check_node_port = pick([0], [30001])
+    spec.internal_traffic_policy = pick(["Cluster", "Local"], ["", "Bad", "cluster"])
+    spec.ip_families.extend(pick([[], ["IPv4"]], [["IPv6"], ["IPv4", "IPv4"]]))
+    spec.ip_family_policy = pick(
+        ["", "SingleStack", "PreferDualStack"], ["RequireDualStack", "Any"]
+    )
+    spec.cluster_ip = pick(["", "10.96.0.1"], ["None", "10.96.0.256", "1.2.3", "010.96.0.1"])
+    spec.cluster_ips.extend(
+        pick([[], [spec.cluster_ip]] if spec.cluster_ip else [[]], [[""], ["10.96.0.2"], ["None"]])
+    )
+    for i in range(pick([1, 2, 3], [0])):
+        again = ["http"] if i else []  # a name or port the first one has
+        name = pick([("http", "dns", "metrics")[i]], ["", "HTTP", "h" * 64, *again])
+        p = spec.ports.add(name=name)
+        p.port = pick([(80, 53, 9090)[i]], [0, 65536, *([80] if i else [])])
+        p.protocol = pick(["TCP", "UDP"], ["", "SCTP", "tcp"])
+        target = pick([8080, "http"], [None, 0, 70000, "Bad_Name", "", "123"])
+        if isinstance(target, int):
+            p.target_port.int_val = target
+        elif isinstance(target, str):
+            p.target_port.str_val = target
+        p.node_port = pick([0], [30080])
+        p.app_protocol = pick([""], ["http", "-x"])
+    if draw(st.booleans()):
+        obj = pb.Object(service=s)
+        apply_defaults(obj)
+        return obj.service
+    return s
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.composite(_service_msg)())
+def test_the_fast_path_takes_only_services_the_rules_accept(svc: pb.Service) -> None:
+    """validate() skips the rules for Services of the usual shape: only ever for one
+    they have nothing to say about."""
+    if validation._plain_service(svc):
+        assert list(validation._service(svc)) == []
+
+
+def test_the_usual_services_take_the_fast_path() -> None:
+    assert validation._plain_service(defaulted(service()).service)
+    two = service(
+        ports=[{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    )
+    assert validation._plain_service(defaulted(two).service)
+    named = service(ports=[{"port": 80, "targetPort": "http"}], internalTrafficPolicy="Local")
+    assert validation._plain_service(defaulted(named).service)
