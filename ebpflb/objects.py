@@ -107,7 +107,7 @@ class Key(NamedTuple):
 
 def key_of(obj: pb.Object) -> Key:
     k = kind_of(obj)
-    meta = message_of(obj).metadata
+    meta = getattr(obj, k.field).metadata  # message_of(obj), without asking the kind again
     ns = (meta.namespace or DEFAULT_NAMESPACE) if k.namespaced else ""
     return Key(k.name, ns, meta.name)
 
