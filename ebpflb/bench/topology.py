@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -36,9 +35,8 @@ from ebpflb.bench.model import (
 from ebpflb.bench.probe import MapProbe, read_status
 from ebpflb.client import RegistryClient
 from ebpflb.cluster import Cluster, Netns, Node, Pod
+from ebpflb.cluster.cgroups import attached_programs
 from ebpflb.cluster.clients import ClientError, tcp_request
-from ebpflb.datapath import _libbpf
-from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 
 BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 MEASURED = 2  # Services the figures go through (HTTP and iperf3), counted in a scale
@@ -365,13 +363,7 @@ class EbpflbMode(Mode):
                         out[str(prog["name"])] = int(prog["id"])
         cgroup = self.node.cgroup
         if self.socket_lb and cgroup is not None:  # and the node's socket-level programs
-            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for attach_type in SOCK_ATTACH_TYPES.values():
-                    for prog_id in _libbpf.cgroup_prog_ids(fd, attach_type):
-                        out[_libbpf.prog_name(prog_id) or str(prog_id)] = prog_id
-            finally:
-                os.close(fd)
+            out.update({p.name: p.id for p in attached_programs(cgroup)})
         return out
 
     def memory(self) -> dict[str, dict[str, int]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ebpflb.cluster.cgroups import attached_programs
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins
@@ -65,16 +66,8 @@ print(json.dumps([run(*c) for c in json.loads(sys.argv[1])]))
 
 
 def attached_names(cgroup: Path) -> Counter[str]:
-    """Names of the programs attached to the cgroup itself, over our four hooks."""
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return Counter(
-            _libbpf.prog_name(i) or "?"
-            for t in SOCK_ATTACH_TYPES.values()
-            for i in _libbpf.cgroup_prog_ids(fd, t)
-        )
-    finally:
-        os.close(fd)
+    """Names of the programs attached to the cgroup itself."""
+    return Counter(p.name for p in attached_programs(cgroup))
 
 
 @pytest.fixture

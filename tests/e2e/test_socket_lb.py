@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from ebpflb.cluster import Pod, tcp_request
-from ebpflb.datapath import _libbpf
+from ebpflb.cluster.cgroups import attached_programs
 from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.harness import LbCluster, eventually, until
@@ -92,15 +92,7 @@ def counters(lb: LbCluster, node: int) -> dict[str, int]:
 def ours_attached(lb: LbCluster, node: int) -> Counter[str]:
     cgroup = lb.cluster.nodes[node].cgroup
     assert cgroup is not None
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return Counter(
-            _libbpf.prog_name(i) or "?"
-            for t in SOCK_ATTACH_TYPES.values()
-            for i in _libbpf.cgroup_prog_ids(fd, t)
-        )
-    finally:
-        os.close(fd)
+    return Counter(p.name for p in attached_programs(cgroup))
 
 
 def test_pods_reach_local_and_remote_backends_without_nat(lb: LbCluster) -> None:
