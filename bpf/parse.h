@@ -82,6 +82,8 @@ static __always_inline int lb_pull_headers(void *ctx, const enum lb_hook hook)
 	return bpf_skb_pull_data(skb, want);
 }
 
+/* A GSO packet over 64 KB (BIG TCP) carries IP total length 0; its length is
+ * the skb's. XDP never sees one (it is not linear). */
 static __always_inline __u32 lb_big_tot_len(void *ctx, const enum lb_hook hook)
 {
 	struct __sk_buff *skb = ctx;

@@ -718,10 +718,6 @@ class Datapath:
                         _detach_cgroup_program(fd, prog_id, attach_type)
         self._cgroups.discard(where)
 
-    @property
-    def cgroups(self) -> frozenset[Path]:
-        return frozenset(self._cgroups)
-
     # -- reading and cleaning up --------------------------------------------
 
     def counters(self) -> dict[str, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpflb.cluster.cgroups import attached_programs
+from ebpflb.cluster.cgroups import attached_programs, detach_programs
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins
@@ -79,17 +79,7 @@ def cgroup() -> Iterator[Path]:
     try:
         yield path
     finally:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # whatever a failed test left attached
-            for t in SOCK_ATTACH_TYPES.values():
-                for i in _libbpf.cgroup_prog_ids(fd, t):
-                    pfd = _libbpf.prog_fd_by_id(i)
-                    try:
-                        _libbpf.cgroup_detach(fd, pfd, t)
-                    finally:
-                        os.close(pfd)
-        finally:
-            os.close(fd)
+        detach_programs(path)  # whatever a failed test left attached
         path.rmdir()
 
 
