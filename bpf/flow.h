@@ -233,11 +233,16 @@ static __always_inline int lb_reverse(const struct lb_pkt *p, const struct lb_no
 		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
 		.proto = p->proto, .dir = LB_CT_REVERSE, .pad = 0,
 	};
-	struct lb_ct_value *e = conntrack.lookup(&key);
+	struct lb_ct_value *e;
 	struct lb_flow f = {};
 	__u64 now;
 	__u8 flags;
 
+	if (!lb_addr_may_be(p->saddr, LB_ADDR_BACKEND)) { /* a reply comes from a backend */
+		LB_COUNT(c, passed);
+		return LB_ACT_PASS;
+	}
+	e = conntrack.lookup(&key);
 	if (!e || (snat_only && !(e->flags & LB_CT_F_SNAT))) {
 		LB_COUNT(c, passed);
 		return LB_ACT_PASS;

@@ -17,6 +17,18 @@
 BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_value, services, LB_MAX_SERVICES,
 		 LB_PIN_DIR "/services");
 
+/* The address filter: may this address be a frontend's (a VIP, a node address
+ * of a NodePort) or a backend's? Two bits per slot of a hash of the address,
+ * 32 slots to an entry, from entry 1 on; entry 0 is nonzero once the agent has
+ * written every address (until then, as in maps migrated from before the
+ * filter, every address may be either). Written by the agent only: a slot's
+ * bit is set before the first entry with such an address is written, and
+ * cleared after the last is deleted. A packet whose addresses are neither
+ * skips the services and reverse conntrack lookups (lb_addr_may_be in lb.h).
+ * Fixed size. */
+BPF_TABLE_PINNED("array", __u32, __u64, addr_filter, LB_ADDR_FILTER_WORDS + 1,
+		 LB_PIN_DIR "/addr_filter");
+
 /* Backends: backend id -> (address, port, proto). One entry per distinct
  * endpoint, shared by every service that uses it. Full: new backends cannot
  * be added. A flow whose backend id is gone is moved to a live backend. */

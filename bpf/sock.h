@@ -44,6 +44,8 @@ static __always_inline struct lb_svc_value *lb_sock_service(struct bpf_sock_addr
 	k->port = (__be16)ctx->user_port; /* network order, in the low 16 bits */
 	k->proto = (__u8)proto;
 	k->pad = 0;
+	if (!lb_addr_may_be(k->vip, LB_ADDR_FRONTEND))
+		return NULL;
 	svc = services.lookup(k);
 	if (!svc || !lb_svc_has_backends(svc) || lb_svc_has_affinity(svc))
 		return NULL;

@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 from ebpflb.datapath.maps import LbMaps, Row, struct_format
 from ebpflb.datapath.structs import (
     U32,
+    U64,
     AffinityKey,
     AffinityValue,
     BackendValue,
@@ -73,4 +74,5 @@ def fake_maps() -> LbMaps:
         id_state=DictMap(U32, IdState, "id_state"),
         node_config=DictMap(U32, NodeConfig, "node_config"),
         sock_revnat=DictMap(SockKey, SockValue, "sock_revnat"),
+        addr_filter=DictMap(U32, U64, "addr_filter"),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, ifaces, layout, node
+from ebpflb.datapath import _libbpf, addrfilter, ifaces, layout, node
 from ebpflb.datapath.compile import MISMATCH, PROGRAM_TYPES, SOCK_ATTACH_TYPES
 from ebpflb.datapath.compile import request as compile_request
 from ebpflb.datapath.conntrack import GcStats, collect
@@ -115,6 +115,7 @@ class DatapathConfig:
             "id_state": 1,
             "node_config": 1,
             "sock_revnat": self.max_sock_revnat,
+            "addr_filter": addrfilter.WORDS + 1,
         }[map_name]
 
     def cflags(self, pin_dir: Path) -> list[str]:

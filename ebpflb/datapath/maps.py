@@ -16,6 +16,7 @@ from ebpflb.datapath._libbpf import BpfError
 from ebpflb.datapath.structs import (
     COUNTER_FIELDS,
     U32,
+    U64,
     AffinityKey,
     AffinityValue,
     BackendValue,
@@ -221,12 +222,12 @@ class BpfMap(Generic[K, V]):
 
     def clear(self) -> int:
         """Delete every entry (zero every element of an array); returns how many."""
-        keys = list(self.keys())
-        if self.map_type == _libbpf.BPF_MAP_TYPE_ARRAY:
-            for k in keys:
-                self.update(k, self.value_type())
-            return len(keys)
-        return sum(self.delete(k) for k in keys)
+        if self.map_type == _libbpf.BPF_MAP_TYPE_ARRAY:  # u32 keys 0..max_entries-1
+            n = _libbpf.map_info(self.fd).max_entries
+            zeros = bytes(ctypes.sizeof(self.value_type) * n)
+            _libbpf.map_update_batch(self.fd, struct.pack(f"={n}I", *range(n)), zeros, n)
+            return n
+        return sum(self.delete(k) for k in list(self.keys()))
 
 
 def _chunks(buf: bytes, size: int, n: int) -> Iterator[bytes]:
@@ -301,6 +302,7 @@ MAP_SPECS = (
     MapSpec("id_state", _libbpf.BPF_MAP_TYPE_ARRAY, U32, IdState),
     MapSpec("node_config", _libbpf.BPF_MAP_TYPE_ARRAY, U32, NodeConfig),
     MapSpec("sock_revnat", _libbpf.BPF_MAP_TYPE_LRU_HASH, SockKey, SockValue),
+    MapSpec("addr_filter", _libbpf.BPF_MAP_TYPE_ARRAY, U32, U64),
 )
 
 
@@ -318,6 +320,7 @@ class LbMaps:
     node_config: MapLike[U32, NodeConfig]
     sock_revnat: MapLike[SockKey, SockValue]
     counters: PerCpuArray[Counters] | None = None
+    addr_filter: MapLike[U32, U64] | None = None  # None: the programmer keeps no filter
 
     @classmethod
     def open(cls, pin_dir: str | os.PathLike[str], types: MapTypes | None = None) -> LbMaps:
@@ -358,6 +361,7 @@ class LbMaps:
             self.id_state,
             self.node_config,
             self.sock_revnat,
+            self.addr_filter,
             self.counters,
         ]
 

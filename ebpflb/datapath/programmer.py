@@ -15,6 +15,7 @@ from socket import ntohs
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ebpflb.datapath import _libbpf
+from ebpflb.datapath.addrfilter import BACKEND, FRONTEND, AddrFilter
 from ebpflb.datapath.maps import BpfMap, LbMaps, MapLike, Row, struct_format
 from ebpflb.datapath.structs import (
     BE_F_LOCAL,
@@ -228,12 +229,18 @@ class Programmer:
     safety net); update() touches only the frontends of the owners it is given, in the
     same order, so one changed Service costs its own entries, not the whole table.
     Entries go to the kernel in batches (one syscall per map and step).
+
+    The address filter (addrfilter.py) follows the services' VIPs and the backends'
+    addresses: bits are set before the first entry that needs them is written and cleared
+    after the last is deleted. After a (re)load it is rebuilt from the maps first.
     """
 
     def __init__(self, datapath: Datapath | LbMaps) -> None:
         self._maps = datapath if isinstance(datapath, LbMaps) else datapath.maps
         self._owned: dict[Owner, list[SvcK]] = {}
         self._owner_of: dict[SvcK, Owner] = {}
+        m = self._maps.addr_filter
+        self._filter = AddrFilter(m) if m is not None else None
         self._load()
 
     # -- reading the maps -------------------------------------------------
@@ -267,6 +274,7 @@ class Programmer:
         self._next_backend = max([ids.next_backend_id, 1, *(i + 1 for i in seen_be)])
         self._saved_ids = (ids.next_svc_id, ids.next_backend_id)
         self._dirty = False
+        self._filter_stale = True  # rebuilt from this image before the next write
 
     def _reindex(self) -> None:
         self._svc_ids = {k: v[0] for k, v in self._state.services.items()}
@@ -370,12 +378,14 @@ class Programmer:
         m, have = self._maps, self._state
         stats: Counter[str] = Counter()
         self._save_ids()
+        self._filter_before(want)
         self._ensure_all(want, stats)
-        _sweep(m.services, have.services, want.services, _SVC, "services", stats)
+        svcs = _sweep(m.services, have.services, want.services, _SVC, "services", stats)
         _sweep_groups(m.service_backends, have.slots, want.slots, "slots", stats)
         left = _sweep_groups(m.service_members, have.members, want.members, "members", stats)
         self._raise_generations(left, want, stats)
-        _sweep(m.backends, have.backends, want.backends, _BACKEND, "backends", stats)
+        bes = _sweep(m.backends, have.backends, want.backends, _BACKEND, "backends", stats)
+        self._filter_after(svcs, bes)
 
         self._reindex()
         self._owned = {o: [fe.map_key for fe in fes] for o, fes in owned.items() if fes}
@@ -407,6 +417,7 @@ class Programmer:
         for sid, group in want.members.items():
             held = have.members.get(sid)
             new_members += group.keys() if not held else [b for b in group if b not in held]
+        self._filter_before(want)
         self._ensure_all(want, stats)
         self._refs.update(new_members)
         svcs = _sweep(m.services, have.services, want.services, _SVC, "services", stats, old_keys)
@@ -424,7 +435,8 @@ class Programmer:
             ep = have.backends.get(bid)
             if ep is not None and self._backend_ids.get(ep) == bid:
                 del self._backend_ids[ep]
-        _sweep(m.backends, have.backends, want.backends, _BACKEND, "backends", stats, unused)
+        bes = _sweep(m.backends, have.backends, want.backends, _BACKEND, "backends", stats, unused)
+        self._filter_after(svcs, bes)
 
         for o in changed:
             for k in self._owned.pop(o, ()):
@@ -450,6 +462,27 @@ class Programmer:
         raised = {k: (*v[:4], v[4] % 0xFF + 1) for k, v in want.services.items() if v[0] in ids}
         want.services.update(raised)
         _ensure(self._maps.services, self._state.services, raised, _SVC, "generations", stats)
+
+    def _filter_before(self, want: _State) -> None:
+        """Set the filter's bits for the VIPs and backend addresses that want adds (rebuilt
+        first from the image, if the image was just read)."""
+        f, have = self._filter, self._state
+        if f is None:
+            return
+        if self._filter_stale:
+            f.rebuild((k[0] for k in have.services), (v[0] for v in have.backends.values()))
+            self._filter_stale = False
+        f.add(FRONTEND, [k[0] for k in want.services if k not in have.services])
+        f.add(BACKEND, [v[0] for b, v in want.backends.items() if b not in have.backends])
+        f.flush()
+
+    def _filter_after(self, services: dict[SvcK, SvcV], backends: dict[int, BeV]) -> None:
+        """Clear the bits that only these deleted entries needed."""
+        if self._filter is None:
+            return
+        self._filter.remove(FRONTEND, [k[0] for k in services])
+        self._filter.remove(BACKEND, [v[0] for v in backends.values()])
+        self._filter.flush()
 
     def _save_ids(self) -> None:
         """The next ids into id_state, before any entry names a new one."""
@@ -593,18 +626,17 @@ def _sweep(
     name: str,
     stats: Counter[str],
     scope: Iterable[K] | None = None,
-) -> list[K]:
+) -> dict[K, V]:
     """Delete every entry that is not wanted (of scope only, when given: the keys that
-    may have become unwanted); returns the keys deleted."""
+    may have become unwanted); returns the entries deleted."""
     gone = list(dict.fromkeys(k for k in (have if scope is None else scope) if k not in want))
     gone = [k for k in gone if k in have]
     if not gone:
-        return gone
+        return {}
     _delete(bpf_map, map(codec[0], gone), len(gone))
-    for k in gone:
-        del have[k]
+    deleted = {k: have.pop(k) for k in gone}
     stats[f"{name}_deleted"] += len(gone)
-    return gone
+    return deleted
 
 
 def _ensure_groups(

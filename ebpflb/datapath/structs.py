@@ -54,6 +54,13 @@ class U32(ctypes.Structure):
     _fields_ = [("value", c_uint32)]
 
 
+class U64(ctypes.Structure):
+    """A bare __u64 value (the address filter's words)."""
+
+    value: int
+    _fields_ = [("value", c_uint64)]
+
+
 class SvcKey(ctypes.Structure):
     """Must match struct lb_svc_key in bpf/lb_structs.h."""
 

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebpflb.datapath import node
+from ebpflb.datapath import addrfilter, node
 from ebpflb.datapath.fake import DictMap, fake_maps
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer, assign_slots
+from ebpflb.datapath.structs import U32, U64
 
 pytestmark = pytest.mark.unit
 
@@ -30,6 +31,35 @@ def check_consistent(m: LbMaps) -> None:
             assert (svc.svc_id, bid) in members, f"service {svc.svc_id}: {bid} not a member"
     for _, bid in members:
         assert bid in backends, f"member {bid} has no backend entry"
+    check_filter(m)
+
+
+def filter_words(m: LbMaps) -> dict[int, int]:
+    assert m.addr_filter is not None
+    return {k.value: v.value for k, v in m.addr_filter.items() if v.value}
+
+
+def check_filter(m: LbMaps) -> None:
+    """Once the address filter says it is ready, it passes every VIP and backend address."""
+    if m.addr_filter is None or not filter_words(m).get(addrfilter.READY):
+        return
+    words = filter_words(m)
+    needed = [(k.vip, addrfilter.FRONTEND) for k, _ in m.services.items()]
+    needed += [(v.addr, addrfilter.BACKEND) for _, v in m.backends.items()]
+    for addr, kind in needed:
+        index, bit = addrfilter.position(addr, kind)
+        assert words.get(index, 0) & bit, f"address {addr:#x} (kind {kind}) filtered out"
+
+
+def expected_filter(m: LbMaps) -> dict[int, int]:
+    """The words a filter of exactly the maps' addresses has, ready."""
+    words = {addrfilter.READY: 1}
+    needed = [(k.vip, addrfilter.FRONTEND) for k, _ in m.services.items()]
+    needed += [(v.addr, addrfilter.BACKEND) for _, v in m.backends.items()]
+    for addr, kind in needed:
+        index, bit = addrfilter.position(addr, kind)
+        words[index] = words.get(index, 0) | bit
+    return words
 
 
 class CheckedMap(DictMap[ctypes.Structure, ctypes.Structure]):
@@ -63,7 +93,8 @@ class CheckedMap(DictMap[ctypes.Structure, ctypes.Structure]):
 def checked_maps() -> LbMaps:
     plain = fake_maps()
     checked = {}
-    for name in ("services", "backends", "service_backends", "service_members", "id_state"):
+    names = ("services", "backends", "service_backends", "service_members", "id_state")
+    for name in (*names, "addr_filter"):
         m = getattr(plain, name)
         checked[name] = CheckedMap(m.key_type, m.value_type, name)
     maps = LbMaps(
@@ -116,6 +147,7 @@ def test_any_sequence_of_syncs_keeps_the_maps_consistent(history: list[list[Fron
         after = writes(maps)
         assert (stats.written, stats.deleted) == (after[0] - before[0], after[1] - before[1])
         assert programmer.dump() == sorted(desired, key=Frontend.sort_key)
+        assert filter_words(maps) == expected_filter(maps)
         again = programmer.sync(desired)
         assert (again.written, again.deleted) == (0, 0)
 
@@ -137,6 +169,7 @@ def test_a_failed_sync_is_repaired_by_the_next(
         CheckedMap.fail_after = None
     programmer.sync(second)
     assert programmer.dump() == sorted(second, key=Frontend.sort_key)
+    assert filter_words(maps) == expected_filter(maps)
 
 
 class LoggedMap(DictMap[ctypes.Structure, ctypes.Structure]):
@@ -298,6 +331,7 @@ def test_updates_leave_the_maps_as_a_full_sync_would(
         programmer.update({owner: fes})
         wanted = sorted((f for fs in state.values() for f in fs), key=Frontend.sort_key)
         assert programmer.dump() == wanted
+        assert filter_words(maps) == expected_filter(maps)
     again = Programmer(maps).sync(state, full=True)
     assert (again.written, again.deleted) == (0, 0)
     assert programmer.update({o: state[o] for o in OWNERS}).written == 0
@@ -360,3 +394,36 @@ def test_a_failed_update_is_repaired_by_a_full_sync(
     assert programmer.dump() == sorted(
         (f for fs in state.values() for f in fs), key=Frontend.sort_key
     )
+    assert filter_words(maps) == expected_filter(maps)
+
+
+def test_the_address_filter_counts_addresses_that_share_a_slot() -> None:
+    """Two addresses in one slot: the bit stays while either is there, and an address keeps
+    its bit while any entry names it. A rebuild writes only what the map lacks."""
+    by_slot: dict[int, int] = {}
+    a = b = 0
+    for n in range(1, 1 << 16):  # two addresses that share a slot
+        if addrfilter.slot(n) in by_slot:
+            a, b = by_slot[addrfilter.slot(n)], n
+            break
+        by_slot[addrfilter.slot(n)] = n
+    assert a and b
+    fe, be = addrfilter.FRONTEND, addrfilter.BACKEND
+    m = DictMap(U32, U64, "addr_filter")
+    f = addrfilter.AddrFilter(m)
+    assert f.may_be(a, fe) and f.may_be(a, be)  # not ready: anything may be
+    assert f.rebuild([a], []) == 2  # a's word, and "ready"
+    assert f.may_be(a, fe) and not f.may_be(a, be)
+    f.add(fe, [b, b])  # two entries name b
+    assert f.flush() == 0  # the bit was set already
+    f.remove(fe, [a])
+    f.remove(fe, [b])
+    assert f.flush() == 0 and f.may_be(a, fe)  # b is still named once
+    f.remove(fe, [b])
+    assert f.flush() == 1 and not f.may_be(a, fe)
+    assert filter_words(fake_maps_with(m)) == {addrfilter.READY: 1}
+    assert addrfilter.AddrFilter(m).rebuild([], []) == 0  # the map holds exactly that
+
+
+def fake_maps_with(addr_filter: DictMap[U32, U64]) -> LbMaps:
+    return dataclasses.replace(fake_maps(), addr_filter=addr_filter)
