@@ -308,7 +308,7 @@ def holding(n: Node, socks: list[tuple[str, str, int]], cgroup: Path) -> Iterato
         yield Holder(proc)
     finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 def test_sockets_connected_before_a_migration_keep_reading_the_vip(
