@@ -1,4 +1,4 @@
-/* ebpflb's datapath, loaded by ebpflb/datapath/loader.py: four entry points,
+/* ebpflb's datapath, loaded by ebpflb/datapath/loader.py: eight entry points,
  * one body (parse.h, lb.h, conntrack.h, flow.h), all sharing the pinned maps.
  *
  * Pod veths (tc, clsact, direct-action):
@@ -18,7 +18,9 @@
  * on (sock.h): frontends translated per system call, not per packet.
  *   sock_connect4, sock_sendmsg4: a frontend becomes a backend.
  *   sock_peername4, sock_recvmsg4: the backend reads as the frontend again.
- *   sock_release4: a closed socket's way back is forgotten.
+ * (No sock_release program: a connected socket's way back is in its own
+ * storage, freed by the kernel with it; older datapaths attached one, which
+ * the loader detaches.)
  */
 #include <uapi/linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -125,14 +127,14 @@ int nodeport_xdp(struct xdp_md *ctx)
 /* cgroup/connect4 (TCP, connected UDP). 1: the call goes on (never refused here). */
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	lb_sock_forward(ctx, lb_counters_get());
+	lb_sock_connect(ctx, lb_counters_get());
 	return 1;
 }
 
 /* cgroup/sendmsg4: a datagram of an unconnected UDP socket. */
 int sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	lb_sock_forward(ctx, lb_counters_get());
+	lb_sock_sendmsg(ctx, lb_counters_get());
 	return 1;
 }
 
@@ -147,12 +149,5 @@ int sock_peername4(struct bpf_sock_addr *ctx)
 int sock_recvmsg4(struct bpf_sock_addr *ctx)
 {
 	lb_sock_reverse(ctx, lb_counters_get());
-	return 1;
-}
-
-/* cgroup/sock_release. 1: the release goes on (it cannot be refused). */
-int sock_release4(struct bpf_sock *sk)
-{
-	lb_sock_forget(sk);
 	return 1;
 }

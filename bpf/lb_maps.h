@@ -76,12 +76,26 @@ BPF_TABLE_PINNED("array", __u32, struct lb_node_config, node_config, 1,
 /* Id allocator state for the agent (see struct lb_id_state); one entry. */
 BPF_TABLE_PINNED("array", __u32, struct lb_id_state, id_state, 1, LB_PIN_DIR "/id_state");
 
-/* Socket-level load balancing (sock.h): (socket cookie, backend) -> the VIP
- * the process asked for, written when a connect or a datagram is translated,
- * read when the process asks for its peer or a datagram's source. Full: LRU
- * evicts the least recently used socket, which then sees the backend's
- * address as its peer. */
+/* Socket-level load balancing (sock.h), unconnected UDP: (socket cookie,
+ * backend) -> the VIP the process asked for, written when a datagram is
+ * translated, read when the process asks for a datagram's source (and by
+ * sockets connected before sock_peer existed, whose entries a migration
+ * copied). Full: LRU evicts the least recently used socket, whose datagrams
+ * then read as coming from the backend. */
 BPF_TABLE_PINNED("lru_hash", struct lb_sock_key, struct lb_sock_value, sock_revnat,
 		 LB_MAX_SOCK_REVNAT, LB_PIN_DIR "/sock_revnat");
+
+/* Socket-level load balancing (sock.h), connected sockets (TCP, connected
+ * UDP): socket storage, one struct lb_sock_peer per socket, written at
+ * connect and read when the process asks for its peer or a datagram's source.
+ * The kernel frees a socket's value with the socket, so nothing deletes at
+ * close and nothing is evicted: no max_entries, never full (a value that
+ * cannot be allocated leaves the connect to the tc path). The key is a
+ * placeholder (the socket is the key); sk_storage maps must be BPF_F_NO_PREALLOC
+ * and have BTF for key and value, which bcc provides. Cannot be listed or
+ * copied from userspace: the agent never reads it, and a migration hands the
+ * pinned map itself to the new programs when its layout is unchanged. */
+BPF_TABLE_PINNED("sk_storage", int, struct lb_sock_peer, sock_peer, 0, LB_PIN_DIR "/sock_peer",
+		 BPF_F_NO_PREALLOC);
 
 #endif /* LB_MAPS_H */

@@ -167,9 +167,9 @@ struct lb_id_state {
 	__u32 next_backend_id; /* next backend id to hand out (ids start at 1) */
 };
 
-/* sock_revnat: what a translated socket must be told about its peer. Keyed by
- * the socket and the backend it was given (an unconnected UDP socket may be
- * given several: one per VIP it sends to). */
+/* sock_revnat: what an unconnected UDP socket must be told about a datagram's
+ * source. Keyed by the socket and the backend it was given (it may be given
+ * several: one per VIP it sends to). */
 struct lb_sock_key {
 	__u64 cookie; /* bpf_get_socket_cookie(): unique per socket while the system runs */
 	__be32 addr;  /* backend address */
@@ -182,6 +182,15 @@ struct lb_sock_value {
 	__be32 vip;  /* frontend address the process asked for */
 	__be16 port; /* frontend port */
 	__u16 pad;   /* always 0 */
+};
+
+/* sock_peer: a connected socket's (TCP, connected UDP) translation, in the
+ * socket's own storage: the peer it was given and the one it must be told. */
+struct lb_sock_peer {
+	__be32 addr;	 /* backend address the socket is connected to */
+	__be32 vip;	 /* frontend address the process asked for */
+	__be16 port;	 /* backend port */
+	__be16 vip_port; /* frontend port */
 };
 
 #endif /* LB_STRUCTS_H */

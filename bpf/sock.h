@@ -5,7 +5,12 @@
  * backend itself: no per-packet NAT and no conntrack entry (the tc programs
  * see packets to no frontend). What the process is told about its peer is
  * written back in cgroup/getpeername4 (TCP, connected UDP) and
- * cgroup/recvmsg4 (a datagram's source), from sock_revnat.
+ * cgroup/recvmsg4 (a datagram's source).
+ *
+ * The way back: a connected socket has one peer, kept in the socket's own
+ * storage (sock_peer), which the kernel frees with the socket; nothing runs
+ * at close. An unconnected UDP socket may send to many VIPs, so its ways back
+ * are entries of the LRU map sock_revnat, keyed by socket cookie and backend.
  *
  * Left to the tc programs, untouched here: frontends without backends (tc
  * refuses the SYN with a RST, so connect() fails with ECONNREFUSED as it
@@ -66,9 +71,57 @@ static __always_inline __u32 lb_sock_hash(__u64 cookie, const struct lb_svc_key 
 	return lb_mix32(h ^ (((__u32)k->port << 16) | k->proto));
 }
 
-/* connect4, sendmsg4: a frontend becomes one of its backends, once its way
- * back (sock_revnat) is remembered; without it the tc path balances as before. */
-static __always_inline void lb_sock_forward(struct bpf_sock_addr *ctx, struct lb_counters *c)
+/* The backend the socket gets for frontend k of svc (see lb_sock_hash). */
+static __always_inline struct lb_backend_value *lb_sock_backend(struct bpf_sock_addr *ctx,
+								 const struct lb_svc_value *svc,
+								 const struct lb_svc_key *k)
+{
+	struct lb_slot_key sk;
+	__u32 *id;
+
+	sk.svc_id = svc->svc_id;
+	sk.slot = lb_sock_hash(bpf_get_socket_cookie(ctx), k) % svc->count;
+	id = service_backends.lookup(&sk);
+	if (!id)
+		return NULL;
+	return backends.lookup(id);
+}
+
+/* connect4: a frontend becomes one of its backends, once the socket's storage
+ * remembers both; without it the tc path balances as before. Any other
+ * destination clears the storage: a UDP socket connected again elsewhere must
+ * not have its new peer's datagrams read as the old VIP's. */
+static __always_inline void lb_sock_connect(struct bpf_sock_addr *ctx, struct lb_counters *c)
+{
+	struct lb_backend_value *b = NULL;
+	struct lb_sock_peer *peer;
+	struct lb_svc_value *svc;
+	struct lb_svc_key k;
+
+	svc = lb_sock_service(ctx, &k);
+	if (svc)
+		b = lb_sock_backend(ctx, svc, &k);
+	if (!b) {
+		sock_peer.sk_storage_delete(ctx->sk); /* mostly none: no cost but the look */
+		return;
+	}
+	peer = sock_peer.sk_storage_get(ctx->sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!peer) {
+		LB_COUNT(c, errors);
+		return;
+	}
+	peer->addr = b->addr;
+	peer->port = b->port;
+	peer->vip = k.vip;
+	peer->vip_port = k.port;
+	ctx->user_ip4 = b->addr;
+	ctx->user_port = (__u32)b->port;
+	LB_COUNT(c, sock_xlate);
+}
+
+/* sendmsg4: a datagram of an unconnected UDP socket to a frontend goes to one
+ * of its backends, once its way back (sock_revnat) is remembered. */
+static __always_inline void lb_sock_sendmsg(struct bpf_sock_addr *ctx, struct lb_counters *c)
 {
 	struct lb_backend_value *b;
 	struct lb_svc_value *svc;
@@ -76,23 +129,14 @@ static __always_inline void lb_sock_forward(struct bpf_sock_addr *ctx, struct lb
 	struct lb_sock_value v = {};
 	struct lb_sock_key rk = {};
 	struct lb_svc_key k;
-	struct lb_slot_key sk;
-	__u64 cookie;
-	__u32 *id;
 
 	svc = lb_sock_service(ctx, &k);
 	if (!svc)
 		return;
-	cookie = bpf_get_socket_cookie(ctx);
-	sk.svc_id = svc->svc_id;
-	sk.slot = lb_sock_hash(cookie, &k) % svc->count;
-	id = service_backends.lookup(&sk);
-	if (!id)
-		return;
-	b = backends.lookup(id);
+	b = lb_sock_backend(ctx, svc, &k);
 	if (!b)
 		return;
-	rk.cookie = cookie;
+	rk.cookie = bpf_get_socket_cookie(ctx);
 	rk.addr = b->addr;
 	rk.port = b->port;
 	rk.proto = k.proto;
@@ -111,15 +155,26 @@ static __always_inline void lb_sock_forward(struct bpf_sock_addr *ctx, struct lb
 }
 
 /* getpeername4, recvmsg4: a backend this socket was given reads as the VIP
- * the process asked for. */
+ * the process asked for. The socket's storage first (connected sockets); then
+ * sock_revnat (unconnected UDP, and sockets connected by an older datapath,
+ * whose entries the migration copied). */
 static __always_inline void lb_sock_reverse(struct bpf_sock_addr *ctx, struct lb_counters *c)
 {
 	struct lb_sock_key rk = {};
+	struct lb_sock_peer *peer;
 	struct lb_sock_value *v;
+	__be16 port = (__be16)ctx->user_port;
 
+	peer = sock_peer.sk_storage_get(ctx->sk, NULL, 0);
+	if (peer && peer->addr == ctx->user_ip4 && peer->port == port) {
+		ctx->user_ip4 = peer->vip;
+		ctx->user_port = (__u32)peer->vip_port;
+		LB_COUNT(c, sock_revnat);
+		return;
+	}
 	rk.cookie = bpf_get_socket_cookie(ctx);
 	rk.addr = ctx->user_ip4;
-	rk.port = (__be16)ctx->user_port;
+	rk.port = port;
 	rk.proto = (__u8)ctx->protocol;
 	v = sock_revnat.lookup(&rk);
 	if (!v)
@@ -127,24 +182,6 @@ static __always_inline void lb_sock_reverse(struct bpf_sock_addr *ctx, struct lb
 	ctx->user_ip4 = v->vip;
 	ctx->user_port = (__u32)v->port;
 	LB_COUNT(c, sock_revnat);
-}
-
-/* sock_release: a socket that is closed needs its way back no more. A
- * connected one (TCP, connected UDP) names its one backend as destination; an
- * unconnected UDP socket's entries (one per VIP it sent to) are left to the
- * LRU. Keeps the map at the size of the open sockets, instead of full and
- * evicting on every connect. */
-static __always_inline void lb_sock_forget(struct bpf_sock *sk)
-{
-	struct lb_sock_key rk = {};
-
-	if (!sk->dst_ip4)
-		return;
-	rk.cookie = bpf_get_socket_cookie(sk);
-	rk.addr = sk->dst_ip4;
-	rk.port = (__be16)sk->dst_port;
-	rk.proto = (__u8)sk->protocol;
-	sock_revnat.delete(&rk);
 }
 
 #endif /* LB_SOCK_H */

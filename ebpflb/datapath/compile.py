@@ -19,7 +19,7 @@ from ebpflb.datapath.maps import MAP_SPECS
 
 MISMATCH = 3  # exit status: the pinned maps' layout is not what was compiled
 
-SCHED_CLS, XDP, CGROUP_SOCK, CGROUP_SOCK_ADDR = 3, 6, 9, 18  # bcc's BPF.<program type>
+SCHED_CLS, XDP, CGROUP_SOCK_ADDR = 3, 6, 18  # bcc's BPF.<program type>
 # The cgroup hook (enum bpf_attach_type) of each socket-level program, fixed at load.
 CGROUP_INET4_CONNECT, CGROUP_UDP4_SENDMSG, CGROUP_UDP4_RECVMSG = 10, 14, 19
 CGROUP_INET4_GETPEERNAME, CGROUP_INET_SOCK_RELEASE = 29, 34
@@ -28,8 +28,12 @@ SOCK_ATTACH_TYPES = {
     "sock_sendmsg4": CGROUP_UDP4_SENDMSG,
     "sock_peername4": CGROUP_INET4_GETPEERNAME,
     "sock_recvmsg4": CGROUP_UDP4_RECVMSG,
-    "sock_release4": CGROUP_INET_SOCK_RELEASE,
 }
+# Socket-level programs older datapaths pinned and attached that this one no longer has
+# (sock_release4 deleted a closed socket's sock_revnat entry; a connected socket's way back
+# now lives in its own storage): the loader unpins them and detaches them from a cgroup,
+# recognised by name like ours.
+RETIRED_SOCK_PROGRAMS = {"sock_release4": CGROUP_INET_SOCK_RELEASE}
 # Pinned programs: name -> program type.
 PROGRAM_TYPES = {
     "from_pod": SCHED_CLS,
@@ -37,22 +41,29 @@ PROGRAM_TYPES = {
     "nodeport_tc": SCHED_CLS,
     "nodeport_xdp": XDP,
     **dict.fromkeys(SOCK_ATTACH_TYPES, CGROUP_SOCK_ADDR),
-    "sock_release4": CGROUP_SOCK,
 }
 
 
 def compiled_layout(bpf: Any) -> layout.Layout:
     """The layout bcc compiled: field names and offsets from the C, type and size from the
-    kernel's maps."""
+    kernel's maps. The types are decoded from bcc's descriptions of the C directly, not
+    through bpf[name]: bcc 0.26 has no Python table for socket storage (and for a per-CPU
+    map the description is one CPU's value, as the layout wants)."""
+    from bcc import BPF, lib
+
     out: layout.Layout = {}
     for spec in MAP_SPECS:
-        table = bpf[spec.name.encode()]
-        info = _libbpf.map_info(table.map_fd)
+        name = spec.name.encode()
+        fd = lib.bpf_table_fd(bpf.module, name)
+        if fd < 0:
+            raise KeyError(f"map {spec.name} is not in the compiled program")
+        key, value = (
+            BPF._decode_table_type(json.loads(desc(bpf.module, name).decode()))
+            for desc in (lib.bpf_table_key_desc, lib.bpf_table_leaf_desc)
+        )
+        info = _libbpf.map_info(fd)
         out[spec.name] = layout.MapLayout(
-            info.type,
-            info.max_entries,
-            layout.StructLayout.of(table.Key),
-            layout.StructLayout.of(getattr(table, "sLeaf", table.Leaf)),  # per-CPU: one CPU's
+            info.type, info.max_entries, layout.StructLayout.of(key), layout.StructLayout.of(value)
         )
     return out
 
@@ -80,6 +91,8 @@ def compile_and_pin(
             attach_type = SOCK_ATTACH_TYPES.get(name, -1)
             fn = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             _libbpf.pin_replace(fn.fd, target / name)
+        for name in RETIRED_SOCK_PROGRAMS:  # an older datapath's, adopted here
+            (target / name).unlink(missing_ok=True)
         if expect is None or not (target / layout.LAYOUT_PIN).exists():
             layout.pin_layout(target / layout.LAYOUT_PIN, compiled)
         return compiled

@@ -22,11 +22,16 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 
 from ebpflb.datapath import _libbpf, addrfilter, ifaces, layout, node
-from ebpflb.datapath.compile import MISMATCH, PROGRAM_TYPES, SOCK_ATTACH_TYPES
+from ebpflb.datapath.compile import (
+    MISMATCH,
+    PROGRAM_TYPES,
+    RETIRED_SOCK_PROGRAMS,
+    SOCK_ATTACH_TYPES,
+)
 from ebpflb.datapath.compile import request as compile_request
 from ebpflb.datapath.conntrack import GcStats, collect
 from ebpflb.datapath.maps import MAP_SPECS, LbMaps, MapTypes
-from ebpflb.datapath.migrate import Migration, remove_staging
+from ebpflb.datapath.migrate import Migration, remove_staging, share_socket_storage
 from ebpflb.datapath.structs import IF_F_NO_XDP_TX, IF_F_PARTIAL_CSUM
 
 log = logging.getLogger(__name__)
@@ -94,7 +99,7 @@ class DatapathConfig:
     max_service_backends: int = 262144
     max_conntrack: int = 262144
     max_affinity: int = 65536
-    max_sock_revnat: int = 131072  # sockets the socket-level programs translated
+    max_sock_revnat: int = 131072  # (socket, VIP) pairs of unconnected UDP sockets translated
     ct_lifetime_tcp: int = 21600  # seconds, established TCP
     ct_lifetime_syn: int = 60  # seconds, TCP before the client's first non-SYN
     ct_lifetime_close: int = 10  # seconds, TCP after FIN or RST
@@ -116,6 +121,7 @@ class DatapathConfig:
             "node_config": 1,
             "sock_revnat": self.max_sock_revnat,
             "addr_filter": addrfilter.WORDS + 1,
+            "sock_peer": 0,  # socket storage: one value per socket, no size of its own
         }[map_name]
 
     def cflags(self, pin_dir: Path) -> list[str]:
@@ -311,7 +317,7 @@ def remove_pins(pin_dir: str | os.PathLike[str]) -> None:
     directory) and remove its directory if it is then empty."""
     d = Path(pin_dir)
     remove_staging(staging_dir(d))
-    for name in PINNED_NAMES:
+    for name in (*PINNED_NAMES, *RETIRED_SOCK_PROGRAMS):  # an older version's too
         (d / name).unlink(missing_ok=True)
     try:
         d.rmdir()
@@ -431,8 +437,14 @@ class Datapath:
         """Compile into the staging directory and copy the old maps' entries over."""
         self._staging.mkdir()
         try:
+            want = layout.mirror_layout(self.config)
+            shared = share_socket_storage(self.pin_dir, self._staging, old, want)
             new = _compile(self._staging, self.config, bpf_dir, None)
             assert new is not None
+            if changed := [n for n in shared if new[n] != old[n]]:
+                raise DatapathError(
+                    f"{', '.join(changed)}: the compiled layout is not this code's mirrors'"
+                )
             self._migration = Migration(self.pin_dir, self._staging, old, new)
             self._migration.copy_state()
         except BaseException:
@@ -679,11 +691,12 @@ class Datapath:
     def attach_cgroup(self, path: str | os.PathLike[str]) -> None:
         """Socket-level load balancing for every process in the cgroup (v2) at path and in
         its descendants: the sock_* programs (bpf/sock.h) at its connect4, sendmsg4,
-        getpeername4, recvmsg4 and sock_release hooks, beside other programs there
-        (BPF_F_ALLOW_MULTI).
+        getpeername4 and recvmsg4 hooks, beside other programs there (BPF_F_ALLOW_MULTI).
         A program of ours already there (an earlier agent's, or an older version's) is
         replaced in one step, so a restart or an upgrade never leaves the hook empty; the
-        attachments outlive this process, like the tc ones."""
+        attachments outlive this process, like the tc ones. An older version's program at a
+        hook this one no longer uses (RETIRED_SOCK_PROGRAMS) is detached, after the others
+        are in place."""
         where = Path(path)
         with _cgroup_fd(where) as fd:
             for name, attach_type in SOCK_ATTACH_TYPES.items():
@@ -706,6 +719,7 @@ class Datapath:
                     _libbpf.cgroup_attach(fd, prog_fd, attach_type)
                 for stale in ours:  # never made by one agent; left by two at once
                     _detach_cgroup_program(fd, stale, attach_type)
+            self._detach_ours(fd, RETIRED_SOCK_PROGRAMS)
         self._cgroups.add(where)
         log.info("socket-level load balancing for the processes of cgroup %s", where)
 
@@ -713,11 +727,16 @@ class Datapath:
         """Take our socket-level programs off the cgroup (any of ours found there)."""
         where = Path(path)
         with _cgroup_fd(where) as fd:
-            for name, attach_type in SOCK_ATTACH_TYPES.items():
-                for prog_id in _libbpf.cgroup_prog_ids(fd, attach_type):
-                    if _libbpf.prog_name(prog_id) == name:
-                        _detach_cgroup_program(fd, prog_id, attach_type)
+            self._detach_ours(fd, {**SOCK_ATTACH_TYPES, **RETIRED_SOCK_PROGRAMS})
         self._cgroups.discard(where)
+
+    @staticmethod
+    def _detach_ours(cgroup_fd: int, programs: dict[str, int]) -> None:
+        """Detach from the cgroup every program named as ours at its hook (name -> type)."""
+        for name, attach_type in programs.items():
+            for prog_id in _libbpf.cgroup_prog_ids(cgroup_fd, attach_type):
+                if _libbpf.prog_name(prog_id) == name:
+                    _detach_cgroup_program(cgroup_fd, prog_id, attach_type)
 
     # -- reading and cleaning up --------------------------------------------
 

@@ -28,6 +28,7 @@ from ebpflb.datapath.structs import (
     NodeConfig,
     SlotKey,
     SockKey,
+    SockPeer,
     SockValue,
     SvcKey,
     SvcValue,
@@ -287,6 +288,12 @@ class MapSpec:
     key_type: type[ctypes.Structure]
     value_type: type[ctypes.Structure]
 
+    @property
+    def socket_storage(self) -> bool:
+        """Per-socket storage: the kernel keeps one value in each socket, which userspace can
+        neither list nor copy (LbMaps leaves it out, a migration hands the map over)."""
+        return self.map_type == _libbpf.BPF_MAP_TYPE_SK_STORAGE
+
 
 MapTypes = dict[str, tuple[type[ctypes.Structure], type[ctypes.Structure]]]
 
@@ -302,13 +309,15 @@ MAP_SPECS = (
     MapSpec("id_state", _libbpf.BPF_MAP_TYPE_ARRAY, U32, IdState),
     MapSpec("node_config", _libbpf.BPF_MAP_TYPE_ARRAY, U32, NodeConfig),
     MapSpec("sock_revnat", _libbpf.BPF_MAP_TYPE_LRU_HASH, SockKey, SockValue),
+    MapSpec("sock_peer", _libbpf.BPF_MAP_TYPE_SK_STORAGE, U32, SockPeer),
     MapSpec("addr_filter", _libbpf.BPF_MAP_TYPE_ARRAY, U32, U64),
 )
 
 
 @dataclass
 class LbMaps:
-    """All maps of one datapath instance."""
+    """The maps of one datapath instance that userspace reads and writes (all but the
+    socket storage, see MapSpec.socket_storage)."""
 
     services: MapLike[SvcKey, SvcValue]
     backends: MapLike[U32, BackendValue]
@@ -333,7 +342,7 @@ class LbMaps:
         try:
             maps: dict[str, BpfMap[ctypes.Structure, ctypes.Structure]] = {}
             for spec in MAP_SPECS:
-                if spec.name == "counters":
+                if spec.name == "counters" or spec.socket_storage:
                     continue
                 key_type, value_type = types.get(spec.name, (spec.key_type, spec.value_type))
                 m: BpfMap[ctypes.Structure, ctypes.Structure] = BpfMap.open_pinned(

@@ -74,6 +74,11 @@ class Migration:
     left empty for the agent: conntrack and affinity entries name their ids, so established
     flows keep their backend only if the ids survive. The agent still writes its full
     state into them before the swap.
+
+    Socket storage (sock_peer) is not copied: its values live in the sockets, out of
+    userspace's reach. share_socket_storage() hands the old map itself to the new programs
+    when its layout is unchanged; otherwise the new programs start with an empty one, and
+    the sockets connected before read their backend as their peer.
     """
 
     pin_dir: Path
@@ -90,6 +95,9 @@ class Migration:
             for name in self.old.keys() & self.new.keys():
                 if self.new[name].map_type == _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY:
                     continue  # counters: carry_counters()
+                types = {self.old[name].map_type, self.new[name].map_type}
+                if _libbpf.BPF_MAP_TYPE_SK_STORAGE in types:
+                    continue  # cannot be listed: share_socket_storage()
                 self._maps[name] = (self._open(self.pin_dir, name, self.old),)
                 self._maps[name] += (self._open(self.staging, name, self.new),)
         except BaseException:
@@ -156,11 +164,12 @@ class Migration:
 
     def move_pins(self) -> None:
         """Put the staging pins in the old ones' place (each replaced in one step), remove
-        the old pins the new layout has no use for, and the staging directory."""
+        the old pins the new datapath has no use for (maps of the old layout, programs it no
+        longer has), and the staging directory."""
         moved = set(os.listdir(self.staging))
         for name in moved:
             os.rename(self.staging / name, self.pin_dir / name)
-        for name in self.old.keys() - moved:
+        for name in set(os.listdir(self.pin_dir)) - moved:
             (self.pin_dir / name).unlink(missing_ok=True)
         self.staging.rmdir()
 
@@ -175,6 +184,24 @@ class Migration:
             for m in pair:
                 m.close()
         self._maps.clear()
+
+
+def share_socket_storage(pin_dir: Path, staging: Path, old: Layout, new: Layout) -> list[str]:
+    """Pin in staging, before the new datapath is compiled there, the old socket storage
+    maps whose layout the new one keeps, so that bcc adopts them and the new programs read
+    what the old ones wrote into the sockets. Returns their names: the caller must check
+    that the compiled layout has them unchanged."""
+    shared = []
+    for name, m in old.items():
+        if m.map_type != _libbpf.BPF_MAP_TYPE_SK_STORAGE or new.get(name) != m:
+            continue
+        fd = _libbpf.obj_get(str(pin_dir / name))
+        try:
+            _libbpf.obj_pin(fd, staging / name)
+        finally:
+            os.close(fd)
+        shared.append(name)
+    return shared
 
 
 def remove_staging(staging: Path) -> None:

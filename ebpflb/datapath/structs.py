@@ -209,6 +209,22 @@ class SockValue(ctypes.Structure):
     _fields_ = [("vip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
 
 
+class SockPeer(ctypes.Structure):
+    """Must match struct lb_sock_peer in bpf/lb_structs.h (only the layout check uses it: the
+    values live in the sockets, out of userspace's reach)."""
+
+    addr: int
+    vip: int
+    port: int
+    vip_port: int
+    _fields_ = [
+        ("addr", c_uint32),
+        ("vip", c_uint32),
+        ("port", c_uint16),
+        ("vip_port", c_uint16),
+    ]
+
+
 COUNTER_FIELDS = (
     "packets",
     "passed",

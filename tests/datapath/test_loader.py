@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from ebpflb.datapath import _libbpf
+from ebpflb.datapath.compile import RETIRED_SOCK_PROGRAMS
 from ebpflb.datapath.loader import (
     MAIN_SOURCE,
     PINNED_NAMES,
@@ -93,6 +96,24 @@ def test_agent_exit_restart_and_cleanup(datapath: Datapath) -> None:
             assert "clsact" not in qdiscs(n, pod.host_veth)
             assert not pin_dir.exists()
             second.close(cleanup=True)  # twice: no error
+    finally:
+        remove_pins(pin_dir)
+
+
+def test_cleanup_removes_an_older_versions_program_pins(datapath: Datapath) -> None:
+    """remove_pins (--cleanup) also unpins what an older version pinned and this one no
+    longer has (sock_release4), so the directory goes."""
+    pin_dir = new_pin_dir()
+    try:
+        Datapath(pin_dir, TEST_CONFIG).close()
+        prog = _libbpf.obj_get(str(pin_dir / "from_pod"))  # any program: only the name counts
+        try:
+            for name in RETIRED_SOCK_PROGRAMS:
+                _libbpf.obj_pin(prog, pin_dir / name)
+        finally:
+            os.close(prog)
+        remove_pins(pin_dir)
+        assert not pin_dir.exists()
     finally:
         remove_pins(pin_dir)
 

@@ -29,11 +29,12 @@ pytestmark = [
 ]
 
 # argv: JSON list of [kind, ip, port]; prints a JSON list of {"peer": [ip, port] the socket
-# reports (getpeername, or the datagram's source), "answer": the server's line, "error"}.
+# reports (getpeername, or the datagram's source), "answer": the server's line, "error"};
+# a connected UDP socket reports both: "peer" from getpeername, "from" the datagram's source.
 CLIENT = """
 import json, socket, sys
 def run(kind, ip, port):
-    out = {"peer": None, "answer": None, "error": None}
+    out = {"peer": None, "from": None, "answer": None, "error": None}
     try:
         if kind == "tcp":
             with socket.create_connection((ip, port), timeout=3) as s:
@@ -42,6 +43,13 @@ def run(kind, ip, port):
                 got = b""
                 while d := s.recv(4096):
                     got += d
+        elif kind == "udp-connected":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                s.connect((ip, port))
+                out["peer"] = s.getpeername()
+                s.send(b"ping")
+                got, out["from"] = s.recvfrom(4096)
         else:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(3)
@@ -89,13 +97,26 @@ def counters(lb: LbCluster, node: int) -> dict[str, int]:
         maps.close()
 
 
-def ours_attached(lb: LbCluster, node: int) -> Counter[str]:
+def ours_attached(lb: LbCluster, node: int) -> Counter[tuple[str, str]]:
+    """(hook, program name) of the programs attached to the node's cgroup."""
     cgroup = lb.cluster.nodes[node].cgroup
     assert cgroup is not None
-    return Counter(p.name for p in attached_programs(cgroup))
+    return Counter((p.attach_type, p.name) for p in attached_programs(cgroup))
+
+
+# One program per hook, none at sock_release (older datapaths had sock_release4 there).
+OUR_HOOKS = Counter(
+    {
+        ("cgroup_inet4_connect", "sock_connect4"): 1,
+        ("cgroup_udp4_sendmsg", "sock_sendmsg4"): 1,
+        ("cgroup_inet4_getpeername", "sock_peername4"): 1,
+        ("cgroup_udp4_recvmsg", "sock_recvmsg4"): 1,
+    }
+)
 
 
 def test_pods_reach_local_and_remote_backends_without_nat(lb: LbCluster) -> None:
+    assert {name for _, name in OUR_HOOKS} == set(SOCK_ATTACH_TYPES)
     nodes = lb.cluster.nodes
     client = lb.cluster.add_client_pod(nodes[0], "sclient")
     backends = []
@@ -110,16 +131,18 @@ def test_pods_reach_local_and_remote_backends_without_nat(lb: LbCluster) -> None
     tcp_ip = lb.apply(service("sweb", "sweb", 80)).objects[0].service.spec.cluster_ip
     udp_ip = lb.apply(service("sdns", "sweb", 53, "UDP")).objects[0].service.spec.cluster_ip
     until(lambda: "sweb1" in tcp_request(lb.cluster.ns(client), tcp_ip, 80, b""), timeout=30)
-    until(lambda: ours_attached(lb, 0) == Counter(dict.fromkeys(SOCK_ATTACH_TYPES, 1)))
+    until(lambda: ours_attached(lb, 0) == OUR_HOOKS)
 
     before = counters(lb, 0)
     calls = [("tcp", tcp_ip, 80)] * 40 + [("udp", udp_ip, 53)] * 20
+    calls += [("udp-connected", udp_ip, 53)] * 10
     results = dial(lb, client, calls)
     after = counters(lb, 0)
 
     assert [r["error"] for r in results] == [None] * len(calls)
     assert {tuple(r["peer"]) for r in results[:40]} == {(tcp_ip, 80)}
     assert {tuple(r["peer"]) for r in results[40:]} == {(udp_ip, 53)}
+    assert {tuple(r["from"]) for r in results[60:]} == {(udp_ip, 53)}
     # Each answer names the backend and the source it saw: the client pod itself.
     answered = Counter(r["answer"].split()[0] for r in results)
     assert set(answered) == {"sweb0", "sweb1"}
@@ -161,6 +184,6 @@ def test_an_agent_killed_and_restarted_keeps_one_attachment_and_balancing(
 
     lb.start_agent(node)
     lb.wait_attached(client)
-    assert eventually(lambda: ours_attached(lb, 0)) == Counter(dict.fromkeys(SOCK_ATTACH_TYPES, 1))
+    assert eventually(lambda: ours_attached(lb, 0)) == OUR_HOOKS
     up = dial(lb, client, [("tcp", ip, 80)] * 5)
     assert [r["answer"].split()[0] for r in up] == ["sweb9"] * 5
