@@ -35,7 +35,8 @@ static __always_inline __u32 lb_mix32(__u32 h)
  * lookup is inlined by the verifier: a few ns instead of hundreds. */
 static __always_inline int lb_addr_may_be(__be32 addr, const __u32 kind)
 {
-	__u32 slot = lb_mix32((__u32)addr ^ LB_ADDR_FILTER_SEED) & (LB_ADDR_FILTER_SLOTS - 1);
+	__u32 h = (__u32)addr ^ ((__u32)addr >> 16); /* the low octets, in the high bits, mixed down */
+	__u32 slot = (h * LB_ADDR_FILTER_MUL) >> (32 - LB_ADDR_FILTER_BITS); /* Fibonacci hashing */
 	__u32 index = 1 + slot / 32, zero = 0;
 	__u64 *ready = addr_filter.lookup(&zero), *word;
 

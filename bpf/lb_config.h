@@ -64,14 +64,15 @@
 #define LB_HASH_SEED 0x5eed1b5
 #endif
 
-/* The address filter (lb_addr_may_be() in lb.h): slots (a power of two) of 2
- * bits each, 32 to a 64-bit word, and the seed of the hash that picks an
- * address's slot. Fixed, not -D flags: ebpflb/datapath/addrfilter.py computes
- * the same slots. 2^20 slots (256 KiB) keep false positives under 10% for
- * 100,000 addresses. */
-#define LB_ADDR_FILTER_SLOTS (1U << 20)
+/* The address filter (lb_addr_may_be() in lb.h): 2^LB_ADDR_FILTER_BITS slots
+ * of 2 bits each, 32 to a 64-bit word, and the multiplier of the hash that
+ * picks an address's slot. Fixed, not -D flags: ebpflb/datapath/addrfilter.py
+ * computes the same slots. 2^20 slots (256 KiB) keep false positives under 10%
+ * for 100,000 addresses. */
+#define LB_ADDR_FILTER_BITS 20
+#define LB_ADDR_FILTER_SLOTS (1U << LB_ADDR_FILTER_BITS)
 #define LB_ADDR_FILTER_WORDS (LB_ADDR_FILTER_SLOTS / 32)
-#define LB_ADDR_FILTER_SEED 0x9e3779b9U
+#define LB_ADDR_FILTER_MUL 0x9e3779b1U /* 2^32 / the golden ratio, odd */
 
 _Static_assert(LB_MAX_SERVICES > 0 && LB_MAX_BACKENDS > 0, "map sizes must be positive");
 _Static_assert(LB_MAX_SERVICE_BACKENDS >= LB_MAX_BACKENDS, "every backend needs a slot");

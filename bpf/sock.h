@@ -172,6 +172,12 @@ static __always_inline void lb_sock_reverse(struct bpf_sock_addr *ctx, struct lb
 		LB_COUNT(c, sock_revnat);
 		return;
 	}
+	/* Only a backend's address was ever given out: any other peer (a server's accepted
+	 * socket, a pod dialled directly) skips a sock_revnat lookup that would miss, on a
+	 * key never seen (a cold bucket). A datagram from a backend deleted meanwhile
+	 * reads as the backend's. */
+	if (!lb_addr_may_be(ctx->user_ip4, LB_ADDR_BACKEND))
+		return;
 	rk.cookie = bpf_get_socket_cookie(ctx);
 	rk.addr = ctx->user_ip4;
 	rk.port = port;

@@ -13,52 +13,49 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from collections.abc import Iterable
-from functools import lru_cache
-from itertools import chain
 
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.maps import BpfMap, MapLike
 from ebpflb.datapath.structs import U32, U64
 
 # Must match LB_ADDR_FILTER_* in bpf/lb_config.h and LB_ADDR_* in bpf/lb.h.
-SLOTS = 1 << 20
+BITS = 20
+SLOTS = 1 << BITS
 WORDS = SLOTS // 32
-SEED = 0x9E3779B9
+MUL = 0x9E3779B1
 FRONTEND, BACKEND = 1, 2
 READY = 0  # the entry that says the words are complete
 
 _M32 = 0xFFFFFFFF
 
 
-def mix32(h: int) -> int:
-    """lb_mix32() of bpf/lb.h."""
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & _M32
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & _M32
-    return h ^ (h >> 16)
-
-
-@lru_cache(maxsize=1 << 17)  # the same pod addresses, again and again
 def slot(addr: int) -> int:
-    """The slot of an address as lb_structs.h stores it (the __be32 read as a host int)."""
-    return mix32(addr ^ SEED) & (SLOTS - 1)
+    """The slot of an address as lb_structs.h stores it (the __be32 read as a host int):
+    lb_addr_may_be() of bpf/lb.h."""
+    return ((addr ^ (addr >> 16)) * MUL & _M32) >> (32 - BITS)
+
+
+def bit_number(addr: int, kind: int) -> int:
+    """An address's kind as one bit of the whole filter: bit b is bit b % 64 of entry
+    1 + b // 64 (2 bits per slot, the frontend's first)."""
+    return 2 * slot(addr) + (kind - 1)
 
 
 def position(addr: int, kind: int) -> tuple[int, int]:
-    """(map index, bit) of an address's kind."""
-    s = slot(addr)
-    return 1 + s // 32, kind << (2 * (s % 32))
+    """(map index, bit mask) of an address's kind."""
+    b = bit_number(addr, kind)
+    return 1 + b // 64, 1 << (b % 64)
 
 
 class AddrFilter:
     """Keeps the map's bits equal to the addresses it is told of, with their multiplicity
-    (one per services entry with that VIP, one per backend with that address)."""
+    (one per services entry with that VIP, one per backend with that address). Works on
+    whole batches: a bulk Apply brings 100,000 addresses at once."""
 
     def __init__(self, bpf_map: MapLike[U32, U64]) -> None:
         self._map = bpf_map
-        self._refs: Counter[tuple[int, int]] = Counter()  # (addr, kind) -> entries
-        self._bits: Counter[tuple[int, int]] = Counter()  # (index, bit) -> addresses
+        self._refs: dict[int, Counter[int]] = {FRONTEND: Counter(), BACKEND: Counter()}
+        self._bits: Counter[int] = Counter()  # bit number -> addresses that need it
         self._words: dict[int, int] = {}  # index -> the word as this object last wrote it
         self._dirty: set[int] = set()
         self.ready = False  # the map holds our words and says so (entry 0)
@@ -67,16 +64,13 @@ class AddrFilter:
         """Start over from every address (repeated as often as entries name it): the words
         that differ from the map's are written, then the filter is marked ready. Returns the
         entries written."""
-        fes, bes = ((a, FRONTEND) for a in frontends), ((a, BACKEND) for a in backends)
-        self._refs = Counter(chain(fes, bes))
-        self._bits = Counter(position(a, k) for a, k in self._refs)
-        words: dict[int, int] = {}
-        for index, bit in self._bits:
-            words[index] = words.get(index, 0) | bit
+        self._refs = {FRONTEND: Counter(frontends), BACKEND: Counter(backends)}
+        self._bits = Counter()
+        self._words = {}
+        for kind, refs in self._refs.items():
+            self._set(_bit_numbers(refs, kind))
         held = {k[0]: v[0] for k, v in self._map.rows() if v[0]}
-        self._words = words
-        self._dirty = set(words) | set(held)
-        self._dirty -= {i for i in self._dirty if held.get(i, 0) == words.get(i, 0)}
+        self._dirty = {i for i in set(self._words) | set(held) if held.get(i, 0) != self.word(i)}
         self._dirty.discard(READY)
         n = self.flush()
         if held.get(READY, 0) != 1:
@@ -85,40 +79,50 @@ class AddrFilter:
         self.ready = True
         return n
 
+    def word(self, index: int) -> int:
+        return self._words.get(index, 0)
+
     def add(self, kind: int, addrs: Iterable[int]) -> None:
         """Entries naming these addresses are about to be written (flush() before them)."""
-        for a in addrs:
-            self._refs[a, kind] += 1
-            if self._refs[a, kind] == 1:
-                self._bit(position(a, kind), 1)
+        refs = self._refs[kind]
+        addrs = list(addrs)
+        new = set(addrs).difference(refs)
+        refs.update(addrs)
+        self._set(_bit_numbers(new, kind))
 
     def remove(self, kind: int, addrs: Iterable[int]) -> None:
         """Entries naming these addresses were deleted (flush() after them)."""
-        for a in addrs:
-            n = self._refs[a, kind] - 1
-            if n > 0:
-                self._refs[a, kind] = n
+        refs = self._refs[kind]
+        addrs = list(addrs)
+        refs.subtract(addrs)
+        gone = [a for a in set(addrs) if refs[a] <= 0]
+        for a in gone:
+            del refs[a]
+        bits = self._bits
+        numbers = _bit_numbers(gone, kind)
+        bits.subtract(numbers)
+        words = self._words
+        for b in set(numbers):
+            if bits[b] > 0:
                 continue
-            self._refs.pop((a, kind), None)
-            if n == 0:
-                self._bit(position(a, kind), -1)
+            del bits[b]
+            index = 1 + (b >> 6)
+            word = words.get(index, 0) & ~(1 << (b & 63))
+            if word:
+                words[index] = word
+            else:
+                words.pop(index, None)
+            self._dirty.add(index)
 
-    def _bit(self, pos: tuple[int, int], step: int) -> None:
-        n = self._bits[pos] + step
-        if n > 0:
-            self._bits[pos] = n
-            if n > 1 or step < 0:
-                return  # the bit was set already, and stays
-        else:
-            del self._bits[pos]
-        index, bit = pos
-        word = self._words.get(index, 0)
-        word = word | bit if step > 0 else word & ~bit
-        if word:
-            self._words[index] = word
-        else:
-            self._words.pop(index, None)
-        self._dirty.add(index)
+    def _set(self, numbers: list[int]) -> None:
+        """Count addresses that now need these bits; set those that were clear."""
+        bits, words = self._bits, self._words
+        fresh = set(numbers).difference(bits)
+        bits.update(numbers)
+        for b in fresh:
+            index = 1 + (b >> 6)
+            words[index] = words.get(index, 0) | 1 << (b & 63)
+        self._dirty.update(1 + (b >> 6) for b in fresh)
 
     def flush(self) -> int:
         """Write the words that changed; returns how many."""
@@ -137,5 +141,12 @@ class AddrFilter:
 
     def may_be(self, addr: int, kind: int) -> bool:
         """What the datapath answers for addr (from this object's words, not the map)."""
-        index, bit = position(addr, kind)
-        return not self.ready or bool(self._words.get(index, 0) & bit)
+        index, mask = position(addr, kind)
+        return not self.ready or bool(self._words.get(index, 0) & mask)
+
+
+def _bit_numbers(addrs: Iterable[int], kind: int) -> list[int]:
+    """bit_number() of each address (inlined: it runs for every address of a bulk)."""
+    mul, m, shift, k = MUL, _M32, 31 - BITS, kind - 1
+    # 2 * slot: the product's top BITS bits, shifted one less.
+    return [(((a ^ (a >> 16)) * mul & m) >> shift) & ~1 | k for a in addrs]

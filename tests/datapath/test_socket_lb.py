@@ -359,6 +359,24 @@ def test_a_connected_socket_without_storage_reads_its_sock_revnat_entry(
         assert h.report() == [{"peer": [VIP, 80]}]
 
 
+def test_the_sock_revnat_fallback_is_only_for_a_backends_address(
+    lab: Lab, pods: Node, cgroup: Path
+) -> None:
+    """Only a backend's address was ever given out, so getpeername looks in sock_revnat only
+    for an address the address filter passes as a backend's: the same entry as above is not
+    read while b0 backs no Service (the filter ready, with b1 only), and is once it does."""
+    lab.dp.attach_cgroup(cgroup)
+    b0, b1 = pods.pods["b0"].ip, pods.pods["b1"].ip
+    lab.sync(Frontend(VIP, 80, "TCP", (Backend(b1, 8080),)))
+    with holding(pods, [("tcp", b0, 8080)], cgroup) as h:
+        (first,) = h.report()
+        key = SockKey(cookie=first["cookie"], addr=ip_to_be32(b0), port=port_to_be16(8080), proto=6)
+        lab.dp.maps.sock_revnat.update(key, SockValue(vip=ip_to_be32(VIP), port=port_to_be16(80)))
+        assert h.report() == [{"peer": [b0, 8080]}]
+        lab.sync(Frontend(VIP, 80, "TCP", (Backend(b1, 8080), Backend(b0, 8080))))
+        assert h.report() == [{"peer": [VIP, 80]}]
+
+
 def pin_retired_program(pin_dir: Path) -> None:
     """Pin something where an older datapath pinned sock_release4 (a program, but what the
     loader does with the pin does not depend on it)."""
