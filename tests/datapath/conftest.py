@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ebpflb.datapath import _libbpf
 from ebpflb.datapath.conntrack import now_ns
 from ebpflb.datapath.loader import Datapath, DatapathConfig, remove_pins
 from ebpflb.datapath.programmer import Frontend, Programmer, SyncStats
@@ -44,6 +46,27 @@ def skip_reason() -> str | None:
 
 def new_pin_dir() -> Path:
     return BPFFS / f"ebpflb-test-{secrets.token_hex(4)}"
+
+
+def map_id(path: Path) -> int:
+    """The kernel's id of the map pinned at path (the same id: the very same map)."""
+    fd = _libbpf.obj_get(str(path))
+    try:
+        return int(_libbpf.map_info(fd).id)
+    finally:
+        os.close(fd)
+
+
+# The socket-level programs a cgroup holds after attach_cgroup(): (bpftool's hook name,
+# program name), one each; none at sock_release (older datapaths had sock_release4 there).
+SOCK_LB_HOOKS = Counter(
+    {
+        ("cgroup_inet4_connect", "sock_connect4"): 1,
+        ("cgroup_udp4_sendmsg", "sock_sendmsg4"): 1,
+        ("cgroup_inet4_getpeername", "sock_peername4"): 1,
+        ("cgroup_udp4_recvmsg", "sock_recvmsg4"): 1,
+    }
+)
 
 
 @pytest.fixture(scope="session")

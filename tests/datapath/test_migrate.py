@@ -21,7 +21,7 @@ from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.datapath.structs import CT_REVERSE, be16_to_port, ip_to_be32, port_to_be16
 from tests.datapath import netns
 from tests.datapath import packets as P
-from tests.datapath.conftest import TEST_CONFIG, new_pin_dir, skip_reason
+from tests.datapath.conftest import TEST_CONFIG, map_id, new_pin_dir, skip_reason
 from tests.datapath.variant import variant_bpf_dir
 
 pytestmark = pytest.mark.datapath
@@ -79,14 +79,6 @@ def check_flows(dp: Datapath, flows: Flows) -> None:
     reply = P.tcp(src=backend, dst=P.CLIENT, sport=port, dport=SPORTS[1], flags="SA")
     _, out = P.run(dp.prog_fd, reply)
     assert P.ip_addrs(out) == (P.VIP, P.CLIENT) and P.ports(out) == (80, SPORTS[1])
-
-
-def map_id(path: Path) -> int:
-    fd = _libbpf.obj_get(str(path))
-    try:
-        return int(_libbpf.map_info(fd).id)
-    finally:
-        os.close(fd)
 
 
 def prog_id(fd: int) -> int:

@@ -28,7 +28,7 @@ from ebpflb.datapath.compile import (
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.datapath.structs import SockKey, SockValue, be32_to_ip, ip_to_be32, port_to_be16
-from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir
+from tests.datapath.conftest import SOCK_LB_HOOKS, TEST_CONFIG, Lab, map_id, new_pin_dir
 from tests.datapath.netns import Node, node
 from tests.datapath.scripts import SERVER
 from tests.datapath.variant import variant_bpf_dir
@@ -387,27 +387,12 @@ def pin_retired_program(pin_dir: Path) -> None:
         os.close(fd)
 
 
-def map_id(path: Path) -> int:
-    fd = _libbpf.obj_get(str(path))
-    try:
-        return int(_libbpf.map_info(fd).id)
-    finally:
-        os.close(fd)
-
-
 def hooks(cgroup: Path) -> Counter[tuple[str, str]]:
     """(hook, program name) of the programs attached to the cgroup itself."""
     return Counter((p.attach_type, p.name) for p in attached_programs(cgroup))
 
 
-OUR_HOOKS = Counter(
-    {
-        ("cgroup_inet4_connect", "sock_connect4"): 1,
-        ("cgroup_udp4_sendmsg", "sock_sendmsg4"): 1,
-        ("cgroup_inet4_getpeername", "sock_peername4"): 1,
-        ("cgroup_udp4_recvmsg", "sock_recvmsg4"): 1,
-    }
-)
+OUR_HOOKS = SOCK_LB_HOOKS
 
 # What an older datapath attached at sock_release (and, under another name, a program of
 # someone else's, which must be left alone).

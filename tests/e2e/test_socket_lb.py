@@ -22,6 +22,7 @@ from ebpflb.cluster.cgroups import attached_programs
 from ebpflb.datapath.compile import SOCK_ATTACH_TYPES
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.harness import LbCluster, eventually, until
+from tests.datapath.conftest import SOCK_LB_HOOKS
 
 pytestmark = [
     pytest.mark.e2e,
@@ -104,15 +105,7 @@ def ours_attached(lb: LbCluster, node: int) -> Counter[tuple[str, str]]:
     return Counter((p.attach_type, p.name) for p in attached_programs(cgroup))
 
 
-# One program per hook, none at sock_release (older datapaths had sock_release4 there).
-OUR_HOOKS = Counter(
-    {
-        ("cgroup_inet4_connect", "sock_connect4"): 1,
-        ("cgroup_udp4_sendmsg", "sock_sendmsg4"): 1,
-        ("cgroup_inet4_getpeername", "sock_peername4"): 1,
-        ("cgroup_udp4_recvmsg", "sock_recvmsg4"): 1,
-    }
-)
+OUR_HOOKS = SOCK_LB_HOOKS  # one program per hook, none at sock_release
 
 
 def test_pods_reach_local_and_remote_backends_without_nat(lb: LbCluster) -> None:
