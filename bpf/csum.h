@@ -9,6 +9,7 @@
 #include <linux/udp.h>
 #include <linux/in.h>
 
+#include "lb_config.h"
 #include "parse.h"
 
 /* Fold a 32-bit one's complement sum (as bpf_csum_diff returns) to 16 bits
@@ -58,6 +59,42 @@ static __always_inline __u64 lb_l4_csum_flags(const struct lb_pkt *p)
 {
 	return p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 }
+
+/* skb->ip_summed's values (linux/skbuff.h). */
+#define LB_CHECKSUM_NONE 0
+#define LB_CHECKSUM_UNNECESSARY 1
+#define LB_CHECKSUM_COMPLETE 2
+#define LB_CHECKSUM_PARTIAL 3
+#define LB_CHECKSUM_UNKNOWN -1
+
+/* The skb's checksum state, or LB_CHECKSUM_UNKNOWN. struct __sk_buff does not show it;
+ * the kfunc bpf_cast_to_kern_ctx gives the struct sk_buff behind it (the verifier turns
+ * the call into a register move), whose ip_summed is 2 bits of one byte. bcc 0.26 cannot
+ * emit a kfunc call, so the program calls a helper number no helper has
+ * (LB_KFUNC_KERN_CTX_CALL), which the compiler child turns into the kfunc call before
+ * loading, with the kfunc's BTF id (ebpflb/datapath/compile.py); the loader reads that id
+ * and where ip_summed lies from the kernel's BTF (ebpflb/datapath/kbtf.py), and only then
+ * defines LB_SKB_IP_SUMMED_OFF. */
+#ifdef LB_SKB_IP_SUMMED_OFF
+static void *(*lb_cast_to_kern_ctx)(void *ctx) = (void *)LB_KFUNC_KERN_CTX_CALL;
+
+static __always_inline int lb_skb_ip_summed(struct __sk_buff *skb)
+{
+	void *kskb = lb_cast_to_kern_ctx(skb);
+	__u64 byte;
+
+	/* A load the verifier checks against struct sk_buff's BTF, kept from bcc's rewriter. */
+	asm volatile("%[byte] = *(u8 *)(%[kskb] + %[off])"
+		     : [byte] "=r"(byte)
+		     : [kskb] "r"(kskb), [off] "i"(LB_SKB_IP_SUMMED_OFF));
+	return (byte >> LB_SKB_IP_SUMMED_SHIFT) & 3;
+}
+#else
+static __always_inline int lb_skb_ip_summed(struct __sk_buff *skb)
+{
+	return LB_CHECKSUM_UNKNOWN;
+}
+#endif
 
 /* -- Incremental updates done by hand (XDP has no checksum helpers) ------
  *

@@ -64,6 +64,11 @@
 #define LB_HASH_SEED 0x5eed1b5
 #endif
 
+/* The helper number a tc program calls for the kfunc bpf_cast_to_kern_ctx (nat.h):
+ * none of the kernel's helpers, so that a call the compiler child did not turn into
+ * the kfunc call fails to load. ebpflb/datapath/compile.py has the same number. */
+#define LB_KFUNC_KERN_CTX_CALL 0x7eb1
+
 /* The address filter (lb_addr_may_be() in lb.h): 2^LB_ADDR_FILTER_BITS slots
  * of 2 bits each, 32 to a 64-bit word, and the multiplier of the hash that
  * picks an address's slot. Fixed, not -D flags: ebpflb/datapath/addrfilter.py

@@ -1,8 +1,9 @@
 /* tc: rewriting addresses and ports in place, keeping the IP and L4 checksums
- * right: direct writes and checksums updated by hand, except the L4 checksum's
- * update, which goes through a helper because only the skb knows whether that
- * checksum is partial (CHECKSUM_PARTIAL GSO skbs must stay valid). XDP's
- * counterpart is in xdp.h.
+ * right. Everything is written directly and the checksums updated by hand when
+ * the program can read the skb's checksum state (ip_summed: a partial L4
+ * checksum takes another update than a full one, and CHECKSUM_PARTIAL GSO skbs
+ * must stay valid); else, and for CHECKSUM_COMPLETE, the L4 checksum's update
+ * goes through the helper, which knows the state. XDP's counterpart is in xdp.h.
  */
 #ifndef LB_NAT_H
 #define LB_NAT_H
@@ -21,6 +22,38 @@ struct lb_csum_diff {
 	__u64 ports; /* the ports: in the TCP/UDP header only */
 };
 
+/* Update the L4 checksum by hand, as the helper would (inet_proto_csum_replace_by_diff()
+ * and BPF_F_MARK_MANGLED_0 for UDP): a full checksum (NONE, UNNECESSARY) takes the change
+ * of addresses and ports; a partial one (PARTIAL: the field holds the pseudo header's sum,
+ * not complemented, and the device sums the segment) takes the addresses' only. A UDP
+ * checksum 0 ("none") stays 0, and a result of 0 is written as 0xffff. */
+static __always_inline int lb_l4_csum_by_hand(struct __sk_buff *skb, const struct lb_pkt *p,
+					      const struct lb_csum_diff *d, int summed)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 off = lb_l4_csum_off(p);
+	__sum16 *check;
+	__u16 v;
+
+	if (off > LB_L3_OFF + 60 + offsetof(struct tcphdr, check))
+		return -1;
+	check = data + off;
+	if ((void *)(check + 1) > end)
+		return -1;
+	v = *check;
+	if (p->proto == IPPROTO_UDP && !v)
+		return 0;
+	if (summed == LB_CHECKSUM_PARTIAL)
+		v = lb_csum_fold16(v + d->addrs);
+	else
+		v = lb_csum_finish((__u16)~v + d->addrs + d->ports);
+	if (p->proto == IPPROTO_UDP && !v)
+		v = 0xffff;
+	*check = v;
+	return 0;
+}
+
 /* Apply one part of the L4 checksum's change through the helper, which alone knows the
  * skb's checksum state: a partial checksum (CHECKSUM_PARTIAL: the field holds the pseudo
  * header's sum) takes the change only with BPF_F_PSEUDO_HDR (the device sums the new
@@ -37,8 +70,9 @@ static __always_inline int lb_l4_csum_diff(struct __sk_buff *skb, const struct l
 
 /* Rewrite the packet's 4-tuple to n's, in place: the addresses, the IP checksum and the
  * ports written directly (the headers are in the linear part: lb_parse pulled them),
- * then the L4 checksum by at most two helper calls (addresses, ports), which may move
- * the packet and come last. Fields that do not change are not touched. Returns 0 or -1. */
+ * then the L4 checksum, by hand if the skb's checksum state is known and not COMPLETE,
+ * else by at most two helper calls (addresses, ports), which may move the packet and
+ * come last. Fields that do not change are not touched. Returns 0 or -1. */
 static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt *p,
 				      const struct lb_nat *n)
 {
@@ -49,6 +83,7 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt
 	__u32 l4_off = p->l4_off;
 	__be16 *ports;
 	__u64 sum;
+	int summed;
 
 	if ((void *)(ip + 1) > end || l4_off > LB_L3_OFF + 60)
 		return -1;
@@ -76,6 +111,9 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct lb_pkt
 		ports[0] = n->sport;
 		ports[1] = n->dport;
 	}
+	summed = lb_skb_ip_summed(skb);
+	if (summed != LB_CHECKSUM_UNKNOWN && summed != LB_CHECKSUM_COMPLETE)
+		return lb_l4_csum_by_hand(skb, p, &d, summed);
 	if (lb_l4_csum_diff(skb, p, d.addrs, BPF_F_PSEUDO_HDR))
 		return -1;
 	return lb_l4_csum_diff(skb, p, d.ports, 0);

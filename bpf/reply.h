@@ -3,9 +3,9 @@
  * of the interface it came in on (towards the pod, or the external client),
  * so the client fails at once instead of timing out.
  *
- * Both replies are built whole on the stack with full checksums, the packet
- * is cut or grown to their length, and written over the original: in tc and
- * in XDP alike.
+ * Both replies are built whole on the stack with full checksums (but see
+ * lb_rst_keeps_partial_csum()), the packet is cut or grown to their length, and
+ * written over the original: in tc and in XDP alike.
  */
 #ifndef LB_REPLY_H
 #define LB_REPLY_H
@@ -74,6 +74,23 @@ static __always_inline void lb_reply_ip(struct iphdr *ip, const struct lb_pkt *p
 	ip->check = lb_csum_ipv4_hdr(ip);
 }
 
+/* The RST written over the client's segment stays a CHECKSUM_PARTIAL skb if the segment
+ * was one (a pod's, with checksum offload): the kernel or device that sends it on sums
+ * the TCP header from the segment's csum_start into its check field, which must then
+ * hold the pseudo header's seed, not a full checksum (that would come out wrong where the
+ * checksum is finished in software: a device without checksum offload). The RST's TCP
+ * header starts where the segment's did unless the segment had IP options; then, and
+ * where the state cannot be read, the RST gets a full checksum. (An ICMP reply needs no
+ * such care: a whole checksum over the message, with 0 in the bytes where the UDP
+ * checksum was, is what finishing it computes.) */
+static __always_inline int lb_rst_keeps_partial_csum(void *ctx, const enum lb_hook hook,
+						     const struct lb_pkt *p)
+{
+	if (hook != LB_HOOK_TC || p->l4_off != LB_L3_OFF + sizeof(struct iphdr))
+		return 0;
+	return lb_skb_ip_summed(ctx) == LB_CHECKSUM_PARTIAL;
+}
+
 /* RFC 9293 3.10.7.1 (closed port): a segment with ACK gets <SEQ=SEG.ACK><CTL=RST>,
  * one without gets <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (SYN and FIN
  * count in SEG.LEN). */
@@ -105,8 +122,12 @@ static __always_inline int lb_reply_tcp_rst(void *ctx, const enum lb_hook hook,
 		f.tcp.ack_seq = lb_htonl(lb_ntohl(in.seq) + seg_len);
 		f.tcp.ack = 1;
 	}
-	sum = lb_csum_pseudo(f.ip.saddr, f.ip.daddr, IPPROTO_TCP, sizeof(f.tcp));
-	f.tcp.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&f.tcp, sizeof(f.tcp), sum));
+	if (lb_rst_keeps_partial_csum(ctx, hook, p)) {
+		f.tcp.check = lb_csum_seed(f.ip.saddr, f.ip.daddr, IPPROTO_TCP, sizeof(f.tcp));
+	} else {
+		sum = lb_csum_pseudo(f.ip.saddr, f.ip.daddr, IPPROTO_TCP, sizeof(f.tcp));
+		f.tcp.check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&f.tcp, sizeof(f.tcp), sum));
+	}
 
 	if (lb_set_len(ctx, hook, sizeof(f) - sizeof(f.pad)))
 		return -1;

@@ -7,14 +7,16 @@ agent, which opens what is pinned by path.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import struct
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ebpflb.datapath import _libbpf, layout
+from ebpflb.datapath import _libbpf, kbtf, layout
 from ebpflb.datapath.maps import MAP_SPECS
 
 MISMATCH = 3  # exit status: the pinned maps' layout is not what was compiled
@@ -42,6 +44,32 @@ PROGRAM_TYPES = {
     "nodeport_xdp": XDP,
     **dict.fromkeys(SOCK_ATTACH_TYPES, CGROUP_SOCK_ADDR),
 }
+
+# The helper number the tc programs call for the kfunc bpf_cast_to_kern_ctx
+# (LB_KFUNC_KERN_CTX_CALL in bpf/lb_config.h), and the instruction it becomes.
+KFUNC_KERN_CTX_CALL = 0x7EB1
+BPF_CALL = 0x85  # BPF_JMP | BPF_CALL
+BPF_PSEUDO_KFUNC_CALL = 2  # src_reg of a kfunc call; imm is the kfunc's BTF id
+
+
+def patch_kfunc_calls(bpf: Any, name: bytes, btf_id: int) -> int:
+    """Turn program name's calls of helper KFUNC_KERN_CTX_CALL into calls of the kfunc
+    btf_id, in bcc's copy of the bytecode before it is loaded (bcc 0.26 has no kfunc
+    relocation). Returns how many calls were turned."""
+    from bcc import lib
+
+    start = lib.bpf_function_start(bpf.module, name)
+    size = lib.bpf_function_size(bpf.module, name)
+    insns = bytearray(ctypes.string_at(start, size))
+    turned = 0
+    for off in range(0, size - 7, 8):  # the second half of a 16-byte load has opcode 0
+        op, regs, _jump, imm = struct.unpack_from("<BBhi", insns, off)
+        if op == BPF_CALL and regs == 0 and imm == KFUNC_KERN_CTX_CALL:
+            struct.pack_into("<BBhi", insns, off, BPF_CALL, BPF_PSEUDO_KFUNC_CALL << 4, 0, btf_id)
+            turned += 1
+    if turned:
+        ctypes.memmove(start, bytes(insns), size)
+    return turned
 
 
 def compiled_layout(bpf: Any) -> layout.Layout:
@@ -87,8 +115,11 @@ def compile_and_pin(
             for name in compiled.keys() - expect.keys():  # pinned just now by bcc
                 (target / name).unlink(missing_ok=True)
             return None
+        facts = kbtf.skb_facts() if config.read_ip_summed else None
         for name, prog_type in PROGRAM_TYPES.items():
             attach_type = SOCK_ATTACH_TYPES.get(name, -1)
+            if facts is not None:
+                patch_kfunc_calls(bpf, name.encode(), facts.kern_ctx_kfunc)
             fn = bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             _libbpf.pin_replace(fn.fd, target / name)
         for name in RETIRED_SOCK_PROGRAMS:  # an older datapath's, adopted here

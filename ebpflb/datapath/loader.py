@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, addrfilter, ifaces, layout, node
+from ebpflb.datapath import _libbpf, addrfilter, ifaces, kbtf, layout, node
 from ebpflb.datapath.compile import (
     MISMATCH,
     PROGRAM_TYPES,
@@ -107,6 +107,9 @@ class DatapathConfig:
     ct_refresh_ns: int = 1_000_000_000  # an entry's timestamp is rewritten at most this often
     hairpin_ip: str = "169.254.42.1"
     hash_seed: int = 0x5EED1B5
+    # tc programs read the skb's checksum state (kbtf.py) and update L4 checksums by hand,
+    # where the kernel allows it; False: always through the checksum helpers
+    read_ip_summed: bool = True
 
     def max_entries(self, map_name: str) -> int:
         return {
@@ -144,6 +147,9 @@ class DatapathConfig:
             "LB_HAIRPIN_ADDR": f"{hairpin:#x}",
             "LB_HASH_SEED": f"{self.hash_seed:#x}",
         }
+        facts = kbtf.skb_facts() if self.read_ip_summed else None
+        if facts is not None:
+            defines.update(facts.cflags())
         return [f"-D{k}={v}" for k, v in defines.items()]
 
 

@@ -111,6 +111,15 @@ class Node:
             for ns, ifname in ((pod.ns, "eth0"), (self.ns, pod.host_veth)):
                 set_checksum_offload(ns, ifname, on)
 
+    def check_partial_checksums(self) -> None:
+        """Pods send partial checksums (TX offload on), which the programs on the host ends
+        see; the host ends finish every checksum in software on the way into a pod (TX
+        offload off: GSO segments too), and the pods check every one (RX offload off). A
+        program that updates a partial checksum wrongly gets its packets dropped."""
+        for pod in self.pods.values():
+            set_checksum_offload(self.ns, pod.host_veth, False)
+            set_checksum_offload(pod.ns, "eth0", True, rx=False)
+
     def destroy(self) -> None:
         for p in self.procs:
             p.kill()
@@ -231,12 +240,13 @@ _OFFLOAD = (
     "import sys\nfrom pyroute2.ethtool import Ethtool\ne = Ethtool()\n"
     "f = e.get_features(sys.argv[1])\n"
     "f.features['tx-checksum-ip-generic'].enable = sys.argv[2] == 'on'\n"
-    "f.features['rx-checksum'].enable = sys.argv[2] == 'on'\n"
+    "f.features['rx-checksum'].enable = sys.argv[3] == 'on'\n"
     "e.set_features(sys.argv[1], f)\n"
 )
 
 
-def set_checksum_offload(ns: str, ifname: str, on: bool) -> None:
-    """TX and RX checksum offload of one veth end on or off (off: it sends full checksums)."""
-    state = "on" if on else "off"
-    sh("ip", "netns", "exec", ns, sys.executable, "-c", _OFFLOAD, ifname, state)
+def set_checksum_offload(ns: str, ifname: str, on: bool, rx: bool | None = None) -> None:
+    """TX and RX checksum offload of one veth end on or off (TX off: it sends full
+    checksums; RX off: its receiver checks them); rx: RX's, if not the same."""
+    states = ["on" if x else "off" for x in (on, on if rx is None else rx)]
+    sh("ip", "netns", "exec", ns, sys.executable, "-c", _OFFLOAD, ifname, *states)

@@ -1,5 +1,6 @@
 """The program attached to real pod veths on a bridge: real sockets through DNAT, reverse NAT,
-hairpin and refusals, with checksum offload on (partial checksums) and off (full ones)."""
+hairpin and refusals, with checksum offload on (partial checksums), off (full ones), and
+partial checksums that are finished and checked on the way into the receiving pod."""
 
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def frontends(n: netns.Node, port80: str = "b:8080") -> list[Frontend]:
     ]
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["csum-offload", "full-csum"])
-def test_sockets_through_the_vip(lab: Lab, node: netns.Node, offload: bool) -> None:
-    if not offload:
+@pytest.mark.parametrize("csum", ["offload", "full", "partial-checked"])
+def test_sockets_through_the_vip(lab: Lab, node: netns.Node, csum: str) -> None:
+    if csum == "full":
         node.set_checksum_offload(False)
+    elif csum == "partial-checked":
+        node.check_partial_checksums()
     lab.sync(*frontends(node))
     node.start("b", SERVER, "echo", "tcp:8080", "udp:5353")
     node.start("a", SERVER, "echo", "tcp:8082")
