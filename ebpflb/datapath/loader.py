@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, addrfilter, ifaces, layout, node
+from ebpflb.datapath import _libbpf, addrfilter, ifaces, kclock, layout, node
 from ebpflb.datapath.compile import (
     MISMATCH,
     PROGRAM_TYPES,
@@ -144,7 +144,8 @@ class DatapathConfig:
             "LB_HAIRPIN_ADDR": f"{hairpin:#x}",
             "LB_HASH_SEED": f"{self.hash_seed:#x}",
         }
-        return [f"-D{k}={v}" for k, v in defines.items()]
+        clock = kclock.clock()  # None: lb_now() stays on CLOCK_MONOTONIC_COARSE, as now_ns()
+        return [f"-D{k}={v}" for k, v in defines.items()] + (clock.cflags() if clock else [])
 
 
 MAIN_SOURCE = "lb_kern.c"
