@@ -46,13 +46,23 @@ static __always_inline int ct_is_snat(const struct lb_flow *f)
 	return f->flags & LB_CT_F_SNAT;
 }
 
-/* The datapath's clock: CLOCK_MONOTONIC as of the last tick (1-4 ms behind
- * at most). Lifetimes are seconds, and it costs a third of
- * bpf_ktime_get_ns() (17 vs 48 ns measured in a VM). Userspace reads the same
- * clock as CLOCK_MONOTONIC_COARSE. */
+/* The datapath's clock: ns since boot at tick resolution, from jiffies_64
+ * (LB_INITIAL_JIFFIES at boot, one per LB_TICK_NS of CLOCK_MONOTONIC: the
+ * kernel's INITIAL_JIFFIES and TICK_NSEC, from the HZ the loader found, see
+ * ebpflb/datapath/kclock.py). The verifier inlines bpf_jiffies64() into a
+ * load (x86-64), where bpf_ktime_get_coarse_ns() is a helper call, ~30 ns a
+ * packet. Lifetimes are seconds; it is CLOCK_MONOTONIC plus a constant of this
+ * boot (-0.144 s in a VM) less up to a tick, so stamps of a datapath on
+ * CLOCK_MONOTONIC_COARSE (older ones) stay meaningful. Where the loader found
+ * no HZ it passes neither flag and the clock is CLOCK_MONOTONIC_COARSE, which
+ * userspace then reads too (now_ns() in ebpflb/datapath/conntrack.py). */
 static __always_inline __u64 lb_now(void)
 {
+#ifdef LB_TICK_NS
+	return (bpf_jiffies64() - LB_INITIAL_JIFFIES) * LB_TICK_NS;
+#else
 	return bpf_ktime_get_coarse_ns();
+#endif
 }
 
 /* now - then, 0 if another CPU stamped "then" a little after our "now". */

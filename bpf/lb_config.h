@@ -53,6 +53,13 @@
 #define LB_CT_REFRESH_NS 1000000000ULL
 #endif
 
+/* The clock (lb_now() in conntrack.h): the running kernel's TICK_NSEC and
+ * INITIAL_JIFFIES, so no defaults. The loader passes both or, where it could
+ * not find HZ, neither (the clock is then CLOCK_MONOTONIC_COARSE). */
+#if defined(LB_TICK_NS) != defined(LB_INITIAL_JIFFIES)
+#error "LB_TICK_NS and LB_INITIAL_JIFFIES must be defined together"
+#endif
+
 /* Hairpin source address, host byte order (the loader converts the dotted
  * form): 169.254.42.1, link-local, never a pod's address. */
 #ifndef LB_HAIRPIN_ADDR

@@ -74,7 +74,7 @@ struct lb_ct_key {
 				 * and an allocated port, which key the reverse entry */
 
 struct lb_ct_value {
-	__u64 last_seen;   /* lb_now() (CLOCK_MONOTONIC_COARSE, ns) of the last refresh */
+	__u64 last_seen;   /* lb_now() (ns since boot, tick resolution) of the last refresh */
 	__u32 lifetime;	   /* seconds the entry stays valid after last_seen (from its state) */
 	__u32 svc_id;	   /* service that balanced the flow; another id in services = stale */
 	__u32 backend_id;  /* backend the flow is pinned to */
@@ -97,7 +97,7 @@ struct lb_affinity_key {
 };
 
 struct lb_affinity_value {
-	__u64 last_used;  /* lb_now() (CLOCK_MONOTONIC_COARSE, ns) of the client's last use */
+	__u64 last_used;  /* lb_now() (ns since boot, tick resolution) of the client's last use */
 	__u32 backend_id; /* backend the client sticks to */
 	__u32 pad;	  /* always 0 */
 };

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from ebpflb.datapath import _libbpf
+from ebpflb.datapath import _libbpf, kclock
 from ebpflb.datapath.maps import BpfMap, LbMaps
 from ebpflb.datapath.structs import (
     CT_F_CLOSING,
@@ -23,12 +22,13 @@ from ebpflb.datapath.structs import (
 )
 
 NSEC_PER_SEC = 1_000_000_000
-CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; the time module does not export it
 
 
 def now_ns() -> int:
-    """The datapath's clock (lb_now() in bpf/conntrack.h): CLOCK_MONOTONIC_COARSE."""
-    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+    """The datapath's clock, what lb_now() in bpf/conntrack.h returns now: ns since boot
+    from the kernel's jiffies (tick resolution), or CLOCK_MONOTONIC_COARSE where their HZ
+    is unknown (see kclock.clock())."""
+    return kclock.now()
 
 
 def ct_expired(value: CtValue, now: int) -> bool:

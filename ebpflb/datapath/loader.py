@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, addrfilter, ifaces, kbtf, layout, node
+from ebpflb.datapath import _libbpf, addrfilter, ifaces, kbtf, kclock, layout, node
 from ebpflb.datapath.compile import (
     MISMATCH,
     PROGRAM_TYPES,
@@ -150,7 +150,8 @@ class DatapathConfig:
         facts = kbtf.skb_facts() if self.read_ip_summed else None
         if facts is not None:
             defines.update(facts.cflags())
-        return [f"-D{k}={v}" for k, v in defines.items()]
+        clock = kclock.clock()  # None: lb_now() stays on CLOCK_MONOTONIC_COARSE, as now_ns()
+        return [f"-D{k}={v}" for k, v in defines.items()] + (clock.cflags() if clock else [])
 
 
 MAIN_SOURCE = "lb_kern.c"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpflb.datapath import _libbpf
+from ebpflb.datapath import _libbpf, kclock
 from ebpflb.datapath.conntrack import now_ns
 from ebpflb.datapath.loader import Datapath, DatapathConfig, remove_pins
 from ebpflb.datapath.programmer import Frontend, Programmer, SyncStats
@@ -46,6 +46,12 @@ def skip_reason() -> str | None:
 
 def new_pin_dir() -> Path:
     return BPFFS / f"ebpflb-test-{secrets.token_hex(4)}"
+
+
+def clock_before() -> int:
+    """A time no stamp the datapath writes from now on is earlier than: now_ns() less a
+    tick (lb_now() lags now_ns() by one while the interrupt that moves jiffies is late)."""
+    return now_ns() - kclock.resolution()
 
 
 def map_id(path: Path) -> int:

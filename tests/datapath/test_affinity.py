@@ -8,7 +8,7 @@ from ebpflb.datapath.conntrack import now_ns
 from ebpflb.datapath.programmer import Backend, Frontend
 from ebpflb.datapath.structs import IPPROTO_TCP, AffinityKey, ip_to_be32
 from tests.datapath import packets as P
-from tests.datapath.conftest import Lab
+from tests.datapath.conftest import Lab, clock_before
 
 pytestmark = pytest.mark.datapath
 
@@ -98,7 +98,7 @@ def test_traffic_of_a_known_flow_keeps_affinity_alive(lab: Lab) -> None:
     entry.last_used = now_ns() - 50 * 10**9
     m.affinity.update(affinity_key(lab), entry)
     lab.age_ct(2)  # due for its once-a-second refresh
-    before = now_ns()
+    before = clock_before()
     lab.run(P.tcp(sport=41000, flags="A"))
     touched = m.affinity.lookup(affinity_key(lab))
     assert touched is not None and touched.last_used >= before
