@@ -34,6 +34,7 @@ struct lb_flow {
 	__u8 pad;
 	__u32 svc_id;	     /* service */
 	__u32 backend_id;    /* backend */
+	__u32 map_gen;	     /* the maps' gen under which the flow was last found valid */
 };
 
 static __always_inline int ct_is_hairpin(const struct lb_flow *f)
@@ -139,7 +140,7 @@ static __always_inline void ct_fill_value(struct lb_ct_value *v, const struct lb
 	v->flags = f->flags;
 	v->svc_gen = f->svc_gen;
 	v->pad2 = 0;
-	v->pad3 = 0;
+	v->map_gen = f->map_gen;
 }
 
 /* The reverse entry's value: the VIP as new source, the client as new destination. */
@@ -198,6 +199,7 @@ static __always_inline void ct_flow_from_forward(struct lb_flow *f, const struct
 	f->svc_gen = e->svc_gen;
 	f->svc_id = e->svc_id;
 	f->backend_id = e->backend_id;
+	f->map_gen = e->map_gen;
 }
 
 /* The flow of a backend's reply and its reverse entry. */
@@ -217,6 +219,7 @@ static __always_inline void ct_flow_from_reverse(struct lb_flow *f, const struct
 	f->svc_gen = e->svc_gen;
 	f->svc_id = e->svc_id;
 	f->backend_id = e->backend_id;
+	f->map_gen = e->map_gen;
 }
 
 /* After a reply refreshed its reverse entry: refresh the forward entry too if

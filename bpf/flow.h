@@ -19,6 +19,7 @@
 
 /* What to do with a packet once the maps have been consulted. */
 enum lb_action {
+	LB_ACT_NEXT = -1, /* not decided: the next lookup decides */
 	LB_ACT_PASS,   /* no frontend, no flow: leave it untouched */
 	LB_ACT_NAT,    /* rewrite it as struct lb_nat says and send it on */
 	LB_ACT_REFUSE, /* a frontend without backends: answer with RST / ICMP */
@@ -44,6 +45,19 @@ struct lb_nat {
 	__u8 flags; /* the flow's LB_CT_F_* (hairpin, SNAT) */
 	__u8 pad;
 };
+
+/* The maps' generation (struct lb_id_state): the agent raises it after every batch of
+ * writes that may stop a known flow (a service, membership or backend deleted or
+ * changed), so a forward entry that recorded it, read before its flow was last found valid,
+ * is still valid while it is current. 0: none vouches (no agent wrote it yet, or maps
+ * migrated from a layout before it). */
+static __always_inline __u32 lb_map_gen(void)
+{
+	__u32 zero = 0;
+	struct lb_id_state *s = id_state.lookup(&zero);
+
+	return s ? *(volatile const __u32 *)&s->map_gen : 0;
+}
 
 /* A forward entry that cannot be used for this packet: expired, made by a
  * service that has since been deleted and recreated (other id), or a new SYN
@@ -111,6 +125,23 @@ static __always_inline void lb_flow_set_backend(struct lb_flow *f, const struct 
 	}
 }
 
+/* The rewrite of a client's packet for flow f. */
+static __always_inline void lb_forward_nat(const struct lb_flow *f, struct lb_nat *n)
+{
+	n->saddr = f->nat_addr;
+	n->daddr = f->backend;
+	n->sport = f->nat_port;
+	n->dport = f->backend_port;
+	n->dir = LB_CT_FORWARD;
+	n->flags = f->flags;
+	if (ct_is_hairpin(f))
+		n->route = LB_ROUTE_BOUNCE;
+	else if (ct_is_snat(f))
+		n->route = LB_ROUTE_FIB;
+	else
+		n->route = LB_ROUTE_STACK;
+}
+
 /* Remember the flow (both conntrack entries). Returns 0 if both were written. */
 static __always_inline int lb_flow_save(const struct lb_flow *f, __u64 now, struct lb_counters *c)
 {
@@ -127,7 +158,8 @@ static __always_inline int lb_flow_save(const struct lb_flow *f, __u64 now, stru
  * another node gets the client SNATed (cfg gives the address and ports). */
 static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct lb_svc_value *svc,
 					   const struct lb_node_config *cfg, const int external,
-					   struct lb_flow *f, __u64 now, struct lb_counters *c)
+					   struct lb_flow *f, __u64 now, __u32 map_gen,
+					   struct lb_counters *c)
 {
 	const __u8 gen = lb_svc_gen(svc);
 	struct lb_backend_value *b;
@@ -145,10 +177,14 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 		flags = ct_next_flags(f->flags, p, 1);
 		refresh = ct_needs_refresh(e, flags, now);
 		if (lb_ct_member(e, svc->svc_id, gen, !refresh)) {
-			if (!refresh)
+			if (!refresh) {
+				if (e->map_gen != map_gen)
+					e->map_gen = map_gen;
 				return LB_ACT_NAT;
+			}
 			f->flags = flags;
 			f->svc_gen = gen;
+			f->map_gen = map_gen;
 			if (lb_svc_has_affinity(svc))
 				lb_affinity_touch(svc, f->client, f->backend_id, now);
 			lb_flow_save(f, now, c);
@@ -173,6 +209,7 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 	}
 
 	f->svc_gen = gen;
+	f->map_gen = map_gen;
 	b = lb_select_backend(svc, p, now, &backend_id, c);
 	if (!b)
 		return LB_ACT_REFUSE;
@@ -190,32 +227,77 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 }
 
 /* client -> VIP: find or make the flow; the rewrite is DNAT (plus SNAT to the
- * hairpin or the node's address). */
+ * hairpin or the node's address). map_gen: lb_map_gen(), read before svc was looked up. */
 static __always_inline int lb_forward(const struct lb_pkt *p, const struct lb_svc_value *svc,
 				      const struct lb_node_config *cfg, const int external,
-				      struct lb_nat *n, struct lb_counters *c)
+				      __u32 map_gen, struct lb_nat *n, struct lb_counters *c)
 {
 	struct lb_flow f = {
 		.client = p->saddr, .vip = p->daddr, .client_port = p->sport,
 		.vip_port = p->dport, .proto = p->proto, .svc_id = svc->svc_id,
 	};
-	int act = lb_forward_flow(p, svc, cfg, external, &f, lb_now(), c);
+	int act = lb_forward_flow(p, svc, cfg, external, &f, lb_now(), map_gen, c);
 
 	if (act != LB_ACT_NAT)
 		return act;
-	n->saddr = f.nat_addr;
-	n->daddr = f.backend;
-	n->sport = f.nat_port;
-	n->dport = f.backend_port;
-	n->dir = LB_CT_FORWARD;
-	n->flags = f.flags;
-	if (ct_is_hairpin(&f))
-		n->route = LB_ROUTE_BOUNCE;
-	else if (ct_is_snat(&f))
-		n->route = LB_ROUTE_FIB;
-	else
-		n->route = LB_ROUTE_STACK;
+	lb_forward_nat(&f, n);
 	return LB_ACT_NAT;
+}
+
+/* client -> VIP, for a known flow whose forward entry the maps' generation vouches for
+ * (lb_map_gen()): its rewrite without looking the frontend up, as lb_forward() would
+ * find it. Whatever needs more (no entry, another gen, expired, a refresh due, a new SYN
+ * on a closing flow) is LB_ACT_NEXT: lb_forward() decides. The entry's service, its
+ * membership and its frontend's kind (a NodePort's) were valid when the entry took the
+ * gen, and the agent raises the gen after any write that could change that. Like the
+ * service's gen in lb_ct_member(), it vouches only for an entry that needs no refresh. */
+static __always_inline int lb_forward_known(const struct lb_pkt *p, __u32 map_gen,
+					    struct lb_nat *n, struct lb_counters *c)
+{
+	struct lb_ct_key key = {
+		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
+		.proto = p->proto, .dir = LB_CT_FORWARD, .pad = 0,
+	};
+	struct lb_ct_value *e;
+	struct lb_flow f = {};
+	__u64 now;
+
+	if (!map_gen)
+		return LB_ACT_NEXT;
+	e = conntrack.lookup(&key);
+	if (!e || e->map_gen != map_gen)
+		return LB_ACT_NEXT;
+	now = lb_now();
+	if (ct_expired(e, now) || ct_needs_refresh(e, ct_next_flags(e->flags, p, 1), now) ||
+	    ((e->flags & LB_CT_F_CLOSING) && lb_tcp_is_syn(p)))
+		return LB_ACT_NEXT;
+	LB_COUNT(c, ct_hits);
+	ct_flow_from_forward(&f, p, e);
+	lb_forward_nat(&f, n);
+	return LB_ACT_NAT;
+}
+
+/* A packet to a frontend, if p's destination may be one: a known flow's rewrite
+ * (lb_forward_known()), else what lb_forward() decides if the frontend exists (and is a
+ * NodePort's, for an external client). LB_ACT_NEXT: to no frontend. */
+static __always_inline int lb_to_frontend(const struct lb_pkt *p, const struct lb_node_config *cfg,
+					  const int external, struct lb_nat *n,
+					  struct lb_counters *c)
+{
+	struct lb_svc_value *svc;
+	__u32 map_gen;
+	int act;
+
+	if (!lb_addr_may_be(p->daddr, LB_ADDR_FRONTEND))
+		return LB_ACT_NEXT;
+	map_gen = lb_map_gen(); /* before the lookup: see lb_map_gen() */
+	act = lb_forward_known(p, map_gen, n, c);
+	if (act != LB_ACT_NEXT)
+		return act;
+	svc = lb_service(p);
+	if (!svc || (external && !lb_svc_is_nodeport(svc)))
+		return LB_ACT_NEXT;
+	return lb_forward(p, svc, cfg, external, map_gen, n, c);
 }
 
 /* backend -> client: if this is the reply of a balanced flow, the rewrite

@@ -48,13 +48,13 @@ static __always_inline int lb_addr_may_be(__be32 addr, const __u32 kind)
 	return (*word >> (2 * (slot % 32))) & kind;
 }
 
-static __always_inline struct lb_svc_value *lb_lookup_service(const struct lb_pkt *p)
+/* The frontend p is sent to, if any (lb_to_frontend() in flow.h asks the address filter
+ * first). */
+static __always_inline struct lb_svc_value *lb_service(const struct lb_pkt *p)
 {
 	struct lb_svc_key k = {
 		.vip = p->daddr, .port = p->dport, .proto = p->proto, .pad = 0,
 	};
-	if (!lb_addr_may_be(p->daddr, LB_ADDR_FRONTEND))
-		return NULL;
 	return services.lookup(&k);
 }
 

@@ -55,7 +55,6 @@ int from_pod(struct __sk_buff *skb)
 {
 	struct lb_counters *c = lb_counters_get();
 	const struct lb_node_config *cfg;
-	struct lb_svc_value *svc;
 	struct lb_nat n = {};
 	struct lb_pkt p = {};
 	int parsed, act;
@@ -65,10 +64,8 @@ int from_pod(struct __sk_buff *skb)
 	if (parsed != LB_PARSE_OK)
 		return lb_pass_unparsed(c, parsed, LB_HOOK_TC);
 	cfg = lb_node_config_get();
-	svc = lb_lookup_service(&p);
-	if (svc)
-		act = lb_forward(&p, svc, cfg, 0, &n, c);
-	else
+	act = lb_to_frontend(&p, cfg, 0, &n, c);
+	if (act == LB_ACT_NEXT)
 		act = lb_reverse(&p, cfg, 0, 1, &n, c);
 	return lb_tc_act(skb, act, &p, &n, c);
 }

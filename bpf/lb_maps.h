@@ -73,7 +73,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_counters, counters, 1, LB_PIN_
 BPF_TABLE_PINNED("array", __u32, struct lb_node_config, node_config, 1,
 		 LB_PIN_DIR "/node_config");
 
-/* Id allocator state for the agent (see struct lb_id_state); one entry. */
+/* Id allocator state for the agent, and the maps' generation (see struct lb_id_state); one
+ * entry. */
 BPF_TABLE_PINNED("array", __u32, struct lb_id_state, id_state, 1, LB_PIN_DIR "/id_state");
 
 /* Socket-level load balancing (sock.h), unconnected UDP: (socket cookie,

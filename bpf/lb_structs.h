@@ -87,7 +87,8 @@ struct lb_ct_value {
 	__u8 flags;	   /* LB_CT_F_* */
 	__u8 svc_gen;	   /* forward: the service's gen when the backend was last known in it */
 	__u16 pad2;	   /* always 0 */
-	__u32 pad3;	   /* always 0 */
+	__u32 map_gen;	   /* forward: the maps' gen (lb_id_state) when the flow was last found
+			    * valid: while it is current, a hit needs no services lookup */
 };
 
 /* affinity: (service, client) -> backend, for sessionAffinity ClientIP. */
@@ -165,6 +166,9 @@ struct lb_node_config {
 struct lb_id_state {
 	__u32 next_svc_id;     /* next service id to hand out (ids start at 1) */
 	__u32 next_backend_id; /* next backend id to hand out (ids start at 1) */
+	__u32 map_gen;	       /* raised after every write of the agent that may stop a known
+				* flow (lb_forward_known() in flow.h); 0: none vouches */
+	__u32 pad;	       /* always 0 */
 };
 
 /* sock_revnat: what an unconnected UDP socket must be told about a datagram's

@@ -24,11 +24,11 @@
 static __always_inline int lb_external(const struct lb_pkt *p, const struct lb_node_config *cfg,
 				       struct lb_nat *n, struct lb_counters *c)
 {
-	struct lb_svc_value *svc = lb_lookup_service(p);
 	__be32 snat_ip = lb_snat_ip(cfg);
+	int act = lb_to_frontend(p, cfg, 1, n, c);
 
-	if (svc && lb_svc_is_nodeport(svc))
-		return lb_forward(p, svc, cfg, 1, n, c);
+	if (act != LB_ACT_NEXT)
+		return act;
 	if (snat_ip && p->daddr == snat_ip)
 		return lb_reverse(p, cfg, 1, 1, n, c);
 	LB_COUNT(c, passed);

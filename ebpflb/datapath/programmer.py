@@ -241,6 +241,7 @@ class Programmer:
         self._owner_of: dict[SvcK, Owner] = {}
         m = self._maps.addr_filter
         self._filter = AddrFilter(m) if m is not None else None
+        self._map_gen_owed = False  # a failed batch's raise of the maps' gen is still to do
         self._load()
 
     # -- reading the maps -------------------------------------------------
@@ -272,7 +273,8 @@ class Programmer:
             seen_be += g.keys()
         self._next_svc = max([ids.next_svc_id, 1, *(i + 1 for i in seen_svc)])
         self._next_backend = max([ids.next_backend_id, 1, *(i + 1 for i in seen_be)])
-        self._saved_ids = (ids.next_svc_id, ids.next_backend_id)
+        self._map_gen = ids.map_gen
+        self._saved_ids = (ids.next_svc_id, ids.next_backend_id, ids.map_gen)
         self._dirty = False
         self._filter_stale = True  # rebuilt from this image before the next write
 
@@ -330,10 +332,13 @@ class Programmer:
         if self._dirty or full:
             self._load()
         try:
-            return self._sync({o: list(fes) for o, fes in owned.items()})
+            stats = self._sync({o: list(fes) for o, fes in owned.items()})
         except BaseException:
             self._dirty = True
+            self._raise_map_gen_after_failure()
             raise
+        self._raise_map_gen(stats)
+        return stats
 
     def update(self, changed: Owned) -> SyncStats:
         """Replace the frontends of the owners in changed (an empty list removes an
@@ -342,10 +347,13 @@ class Programmer:
         if self._dirty:
             raise RuntimeError("the programmer's image of the maps is stale: sync() first")
         try:
-            return self._update({o: list(fes) for o, fes in changed.items()})
+            stats = self._update({o: list(fes) for o, fes in changed.items()})
         except BaseException:
             self._dirty = True
+            self._raise_map_gen_after_failure()
             raise
+        self._raise_map_gen(stats)
+        return stats
 
     def _desired(self, frontends: list[Frontend]) -> _State:
         want = _State(services={}, backends={}, slots={}, members={})
@@ -486,10 +494,31 @@ class Programmer:
 
     def _save_ids(self) -> None:
         """The next ids into id_state, before any entry names a new one."""
-        ids = (self._next_svc, self._next_backend)
+        ids = (self._next_svc, self._next_backend, self._map_gen)
         if ids != self._saved_ids:
             self._maps.id_state.update(U32(0), IdState(*ids))
             self._saved_ids = ids
+
+    def _raise_map_gen(self, stats: SyncStats | None) -> None:
+        """After a batch that wrote or deleted anything (stats None: a failed one, which may
+        have): a new generation of the maps, so that no forward conntrack entry vouches for
+        its flow any more without a services lookup (lb_forward_known() in bpf/flow.h) until
+        a packet has found it valid again. Raised on any change, not only those that can
+        stop a flow (a service, membership or backend deleted or changed): simpler, and a
+        known flow pays one lookup per change. A raise that could not be written is owed to
+        the next batch, whatever it writes (a reload keeps the debt)."""
+        if stats is None or stats.written or stats.deleted or self._map_gen_owed:
+            self._map_gen_owed = True
+            self._map_gen = self._map_gen % 0xFFFF_FFFF + 1  # 0 never vouches
+            self._save_ids()
+            self._map_gen_owed = False
+
+    def _raise_map_gen_after_failure(self) -> None:
+        """After a failed batch: raised now if id_state can still be written, else owed."""
+        try:
+            self._raise_map_gen(None)
+        except Exception as e:  # the batch's own error is what the caller sees
+            log.warning("could not raise the maps' generation after a failed write: %s", e)
 
     def _ensure_all(self, want: _State, stats: Counter[str]) -> None:
         """Write what want has and the maps do not, in the order that keeps them consistent."""

@@ -149,7 +149,7 @@ class CtValue(ctypes.Structure):
     flags: int
     svc_gen: int
     pad2: int
-    pad3: int
+    map_gen: int
     _fields_ = [
         ("last_seen", c_uint64),
         ("lifetime", c_uint32),
@@ -162,7 +162,7 @@ class CtValue(ctypes.Structure):
         ("flags", c_uint8),
         ("svc_gen", c_uint8),
         ("pad2", c_uint16),
-        ("pad3", c_uint32),
+        ("map_gen", c_uint32),
     ]
 
 
@@ -287,4 +287,11 @@ class IdState(ctypes.Structure):
 
     next_svc_id: int
     next_backend_id: int
-    _fields_ = [("next_svc_id", c_uint32), ("next_backend_id", c_uint32)]
+    map_gen: int
+    pad: int
+    _fields_ = [
+        ("next_svc_id", c_uint32),
+        ("next_backend_id", c_uint32),
+        ("map_gen", c_uint32),
+        ("pad", c_uint32),
+    ]

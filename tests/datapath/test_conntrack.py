@@ -86,10 +86,15 @@ def test_backend_left_this_service_but_serves_another(lab: Lab) -> None:
 
 
 def _raise_generation(lab: Lab, svc_id: int, to: int | None = None) -> int:
-    """What the agent does once it has deleted a membership of the service; returns the gen."""
+    """What the agent does once it has deleted a membership of the service: a new gen of
+    the service, then of the maps (test_map_gen.py); returns the service's gen."""
     key, value = next((k, v) for k, v in lab.dp.maps.services.items() if v.svc_id == svc_id)
     value.gen = value.gen % 0xFF + 1 if to is None else to
     lab.dp.maps.services.update(key, value)
+    ids = lab.dp.maps.id_state.lookup(U32(0))
+    assert ids is not None
+    ids.map_gen += 1
+    lab.dp.maps.id_state.update(U32(0), ids)
     return int(value.gen)
 
 

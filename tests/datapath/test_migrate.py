@@ -15,10 +15,10 @@ import pytest
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.layout import LAYOUT_PIN, LAYOUT_V0, StructLayout, read_pinned
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins, staging_dir
-from ebpflb.datapath.maps import PerCpuArray
+from ebpflb.datapath.maps import BpfMap, PerCpuArray
 from ebpflb.datapath.migrate import converter
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
-from ebpflb.datapath.structs import CT_REVERSE, be16_to_port, ip_to_be32, port_to_be16
+from ebpflb.datapath.structs import CT_REVERSE, U32, be16_to_port, ip_to_be32, port_to_be16
 from tests.datapath import netns
 from tests.datapath import packets as P
 from tests.datapath.conftest import TEST_CONFIG, map_id, new_pin_dir, skip_reason
@@ -93,8 +93,9 @@ def tc_prog_id(n: netns.Node, ifname: str, hook: str) -> int:
 
 def as_format_0(pin_dir: Path) -> None:
     """Make pins look as the code before the layout pin left them: no layout pin, and every
-    per-CPU map whose value has grown since (fields added at the end: the counters) replaced
-    by one of format 0's value size holding each CPU's leading bytes."""
+    array whose value has grown since (fields added at the end: the counters, id_state)
+    replaced by one of format 0's value size holding each entry's (each CPU's) leading
+    bytes."""
     (pin_dir / LAYOUT_PIN).unlink()
     for name, (_, value) in LAYOUT_V0.items():
         path = pin_dir / name
@@ -104,14 +105,21 @@ def as_format_0(pin_dir: Path) -> None:
             size = StructLayout.from_json(value).size
             if info.value_size == size:
                 continue
-            assert info.type == _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY and info.value_size > size
+            assert info.value_size > size
             new_fd = _libbpf.map_create(info.type, name, 4, size, info.max_entries)
             try:
-                grown = PerCpuArray(fd, ctypes.c_uint8 * info.value_size, name)
-                shrunk = PerCpuArray(new_fd, ctypes.c_uint8 * size, name)
-                for index in range(info.max_entries):
-                    values = grown.lookup_percpu(index)
-                    shrunk.update_percpu(index, [shrunk.value_type(*v[:size]) for v in values])
+                if info.type == _libbpf.BPF_MAP_TYPE_PERCPU_ARRAY:
+                    grown = PerCpuArray(fd, ctypes.c_uint8 * info.value_size, name)
+                    shrunk = PerCpuArray(new_fd, ctypes.c_uint8 * size, name)
+                    for index in range(info.max_entries):
+                        values = grown.lookup_percpu(index)
+                        shrunk.update_percpu(index, [shrunk.value_type(*v[:size]) for v in values])
+                else:
+                    assert info.type == _libbpf.BPF_MAP_TYPE_ARRAY
+                    old_array = BpfMap(fd, U32, ctypes.c_uint8 * info.value_size, name)
+                    new_array = BpfMap(new_fd, U32, ctypes.c_uint8 * size, name)
+                    for k, v in old_array.items():
+                        new_array.update(k, new_array.value_type(*v[:size]))
                 _libbpf.pin_replace(new_fd, path)
             finally:
                 os.close(new_fd)
@@ -199,14 +207,14 @@ def test_a_changed_conntrack_value_is_converted_field_by_field(
     variant = Datapath(pin_dir, TEST_CONFIG, bpf_dir=variant_bpf_dir(tmp_path / "bpf"))
     try:
         value = variant.layout["conntrack"].value
-        assert value.size == 48 and ("packets", 40, 8, 8) in value.fields
+        assert value.size == 48 and ("packets", 38, 2, 2) in value.fields
         assert ("lifetime", 8, 8, 8) in value.fields
         after = {bytes(k): v for k, v in variant.maps.conntrack.items()}
         assert after.keys() == before.keys()
         for k, v in after.items():
             assert v.packets == 0
             for name, *_ in type(before[k])._fields_:
-                if name != "pad3":
+                if name != "pad2":
                     assert getattr(v, name) == getattr(before[k], name), name
         check_flows(variant, flows)  # the rewired flow gains a reverse entry
         entries = len(variant.maps.conntrack.items())

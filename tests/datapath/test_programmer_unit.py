@@ -116,6 +116,12 @@ def writes(maps: LbMaps) -> tuple[int, int]:
     return sum(m.updates for m in ms), sum(m.deletes for m in ms)  # type: ignore[attr-defined]
 
 
+def map_gen(maps: LbMaps) -> int:
+    """The maps' generation (lb_forward_known() in bpf/flow.h trusts entries holding it)."""
+    ids = maps.id_state.lookup(U32(0))
+    return int(ids.map_gen) if ids is not None else 0
+
+
 VIPS = ("10.96.0.1", "10.96.0.2")
 PODS = tuple(Backend(f"10.244.0.{i}", p) for i in range(1, 6) for p in (8080, 9090)) + tuple(
     Backend(f"10.244.0.{i}", 8080, local=True) for i in range(1, 3)
@@ -143,14 +149,18 @@ def test_any_sequence_of_syncs_keeps_the_maps_consistent(history: list[list[Fron
     for i, desired in enumerate(history):
         if i == 3:  # an agent restart in the middle
             programmer = Programmer(maps)
-        before = writes(maps)
+        before, gen = writes(maps), map_gen(maps)
         stats = programmer.sync(desired)
         after = writes(maps)
         assert (stats.written, stats.deleted) == (after[0] - before[0], after[1] - before[1])
         assert programmer.dump() == sorted(desired, key=Frontend.sort_key)
         assert filter_words(maps) == expected_filter(maps)
+        # Any change raises the maps' generation, and it is never 0 once anything was written.
+        assert map_gen(maps) == (gen + 1 if stats.written or stats.deleted else gen)
+        assert map_gen(maps) or not stats.written
         again = programmer.sync(desired)
         assert (again.written, again.deleted) == (0, 0)
+        assert map_gen(maps) == gen + (1 if stats.written or stats.deleted else 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -161,6 +171,7 @@ def test_a_failed_sync_is_repaired_by_the_next(
     maps = checked_maps()
     programmer = Programmer(maps)
     programmer.sync(first)
+    gen = map_gen(maps)
     CheckedMap.fail_after = fail_at
     try:
         programmer.sync(second)
@@ -168,9 +179,13 @@ def test_a_failed_sync_is_repaired_by_the_next(
         pass
     finally:
         CheckedMap.fail_after = None
-    programmer.sync(second)
+    repaired = programmer.sync(second)
     assert programmer.dump() == sorted(second, key=Frontend.sort_key)
     assert filter_words(maps) == expected_filter(maps)
+    # Whatever the failed sync deleted, the generation has moved on since: raised after the
+    # failure, or else by the repair, even one with nothing left to write.
+    assert map_gen(maps) > gen or first == second
+    assert repaired.written + repaired.deleted == 0 or map_gen(maps) > gen
 
 
 class LoggedMap(DictMap[ctypes.Structure, ctypes.Structure]):

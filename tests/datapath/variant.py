@@ -7,12 +7,12 @@ from pathlib import Path
 
 from ebpflb.datapath.loader import find_bpf_dir
 
-# struct lb_ct_value with lifetime widened to 64 bits (every later field moves), pad3
+# struct lb_ct_value with lifetime widened to 64 bits (every later field moves), pad2
 # gone and a new field at the end: 48 bytes instead of 40.
 CT_VALUE_EDITS = (
     ("lb_structs.h", "\t__u32 lifetime;", "\t__u64 lifetime;"),
-    ("lb_structs.h", "\t__u32 pad3;\t   /* always 0 */", "\t__u64 packets;\t   /* new */"),
-    ("conntrack.h", "v->pad3 = 0;", "v->packets = 0;"),
+    ("lb_structs.h", "\t__u16 pad2;\t   /* always 0 */", "\t__u16 packets;\t   /* new */"),
+    ("conntrack.h", "v->pad2 = 0;", "v->packets = 0;"),
 )
 
 
