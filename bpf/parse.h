@@ -94,10 +94,26 @@ static __always_inline __u32 lb_big_tot_len(void *ctx, const enum lb_hook hook)
 }
 
 /* A header ends past data_end: past the packet (malformed), or only past its
- * linear part (pull and parse again). */
-static __always_inline int lb_short(void *data, void *data_end, __u32 len)
+ * linear part (pull and parse again). An XDP frame is linear (see lb_ends_within()). */
+static __always_inline int lb_short(void *data, void *data_end, __u32 len,
+				    const enum lb_hook hook)
 {
+	if (hook == LB_HOOK_XDP)
+		return LB_PARSE_MALFORMED;
 	return (__u32)(data_end - data) < len ? LB_PARSE_SHORT : LB_PARSE_MALFORMED;
+}
+
+/* The packet holds off bytes from data: len says so for an skb (its paged part
+ * included); an XDP frame is all between data and data_end, because the programs are
+ * not loaded as frags-aware (BPF_F_XDP_HAS_FRAGS), so the kernel never hands them a
+ * multi-buffer frame (generic XDP linearizes the skb first). That spares XDP the helper
+ * call bpf_xdp_get_buff_len() in every parse. */
+static __always_inline int lb_ends_within(void *ctx, const enum lb_hook hook, void *data,
+					  void *data_end, __u32 off)
+{
+	if (hook == LB_HOOK_XDP)
+		return off <= LB_L3_OFF + 0xffff && data + off <= data_end;
+	return off <= ((struct __sk_buff *)ctx)->len;
 }
 
 /* Parse an Ethernet frame. Fragments are passed on unchanged because only the
@@ -110,17 +126,17 @@ static __always_inline int lb_parse_headers(void *ctx, const enum lb_hook hook,
 {
 	void *data = lb_data(ctx, hook);
 	void *data_end = lb_data_end(ctx, hook);
-	__u32 len = lb_len(ctx, hook);
+	__u32 len = hook == LB_HOOK_XDP ? 0 : lb_len(ctx, hook); /* XDP: lb_ends_within() */
 	struct ethhdr *eth = data;
 
 	if ((void *)(eth + 1) > data_end)
-		return lb_short(data, data_end, len);
+		return lb_short(data, data_end, len, hook);
 	if (eth->h_proto != lb_htons(ETH_P_IP))
 		return LB_PARSE_OTHER;
 
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return lb_short(data, data_end, len);
+		return lb_short(data, data_end, len, hook);
 	if (ip->version != 4 || ip->ihl < 5)
 		return LB_PARSE_MALFORMED;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
@@ -131,7 +147,7 @@ static __always_inline int lb_parse_headers(void *ctx, const enum lb_hook hook,
 	if (tot == 0)
 		tot = lb_big_tot_len(ctx, hook);
 	/* Compare with the packet's length, not data_end: a GSO skb's payload is in pages. */
-	if (tot < ihl || LB_L3_OFF + tot > len)
+	if (tot < ihl || !lb_ends_within(ctx, hook, data, data_end, LB_L3_OFF + tot))
 		return LB_PARSE_MALFORMED;
 	if (ip->frag_off & lb_htons(LB_IP_MF | LB_IP_OFFSET))
 		return LB_PARSE_FRAGMENT;
@@ -146,7 +162,7 @@ static __always_inline int lb_parse_headers(void *ctx, const enum lb_hook hook,
 	if (p->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > data_end)
-			return lb_short(data, data_end, len);
+			return lb_short(data, data_end, len, hook);
 		__u32 doff = th->doff * 4;
 		if (doff < sizeof(struct tcphdr) || doff > p->l4_len)
 			return LB_PARSE_MALFORMED;
@@ -157,7 +173,7 @@ static __always_inline int lb_parse_headers(void *ctx, const enum lb_hook hook,
 	} else {
 		struct udphdr *uh = l4;
 		if ((void *)(uh + 1) > data_end)
-			return lb_short(data, data_end, len);
+			return lb_short(data, data_end, len, hook);
 		if (sizeof(struct udphdr) > p->l4_len)
 			return LB_PARSE_MALFORMED;
 		p->sport = uh->source;
