@@ -14,6 +14,7 @@
 
 #include <linux/in.h>
 
+#include "filter.h"
 #include "lb_config.h"
 #include "lb_maps.h"
 #include "parse.h"
@@ -171,6 +172,7 @@ static __always_inline int ct_write(const struct lb_flow *f, __u64 now)
 
 	ct_reverse_key(&k, f);
 	ct_reverse_value(&v, f, now);
+	lb_reply_mark(k.saddr); /* before the entry exists */
 	return conntrack.update(&k, &v);
 }
 

@@ -11,6 +11,7 @@
 
 #include "conntrack.h"
 #include "counters.h"
+#include "filter.h"
 #include "lb.h"
 #include "lb_maps.h"
 #include "node.h"
@@ -322,6 +323,11 @@ static __always_inline int lb_reverse(const struct lb_pkt *p, const struct lb_no
 
 	if (!lb_addr_may_be(p->saddr, LB_ADDR_BACKEND)) { /* a reply comes from a backend */
 		LB_COUNT(c, passed);
+		return LB_ACT_PASS;
+	}
+	if (!lb_reply_may_exist(p->saddr)) { /* a backend, of no balanced flow */
+		LB_COUNT(c, passed);
+		LB_COUNT(c, rev_skipped);
 		return LB_ACT_PASS;
 	}
 	e = conntrack.lookup(&key);

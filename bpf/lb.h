@@ -6,6 +6,7 @@
 
 #include "conntrack.h"
 #include "counters.h"
+#include "filter.h"
 #include "lb_config.h"
 #include "lb_maps.h"
 #include "parse.h"
@@ -20,32 +21,6 @@ static __always_inline __u32 lb_mix32(__u32 h)
 	h *= 0x846ca68b;
 	h ^= h >> 16;
 	return h;
-}
-
-/* Kinds of address in the address filter (addr_filter in lb_maps.h). */
-#define LB_ADDR_FRONTEND 1
-#define LB_ADDR_BACKEND 2
-
-/* addr may be of this kind: 0 only if it certainly is not, so that the lookup
- * it guards can be skipped. Most packets a node's programs see are neither to a
- * frontend nor from a backend (pod to pod, replies to clients, the node's own
- * traffic): their lookups miss, and a miss in a big hash table is a cache miss
- * when the key is new (every new connection's ports). The filter's word for an
- * address is the same for all its packets, so it stays in cache, and an array
- * lookup is inlined by the verifier: a few ns instead of hundreds. */
-static __always_inline int lb_addr_may_be(__be32 addr, const __u32 kind)
-{
-	__u32 h = (__u32)addr ^ ((__u32)addr >> 16); /* the low octets, in the high bits, mixed down */
-	__u32 slot = (h * LB_ADDR_FILTER_MUL) >> (32 - LB_ADDR_FILTER_BITS); /* Fibonacci hashing */
-	__u32 index = 1 + slot / 32, zero = 0;
-	__u64 *ready = addr_filter.lookup(&zero), *word;
-
-	if (!ready || !*ready)
-		return 1;
-	word = addr_filter.lookup(&index);
-	if (!word)
-		return 1;
-	return (*word >> (2 * (slot % 32))) & kind;
 }
 
 /* The frontend p is sent to, if any (lb_to_frontend() in flow.h asks the address filter

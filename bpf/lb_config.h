@@ -86,6 +86,11 @@
 #define LB_ADDR_FILTER_WORDS (LB_ADDR_FILTER_SLOTS / 32)
 #define LB_ADDR_FILTER_MUL 0x9e3779b1U /* 2^32 / the golden ratio, odd */
 
+/* The reply filter (lb_reply_may_exist() in filter.h): the address filter's
+ * slots, one bit each, 64 to a word, in two bitmaps (epochs) of this many
+ * words: 2 x 128 KiB. Fixed: ebpflb/datapath/replyfilter.py computes the same. */
+#define LB_REPLY_FILTER_WORDS (LB_ADDR_FILTER_SLOTS / 64)
+
 _Static_assert(LB_MAX_SERVICES > 0 && LB_MAX_BACKENDS > 0, "map sizes must be positive");
 _Static_assert(LB_MAX_SERVICE_BACKENDS >= LB_MAX_BACKENDS, "every backend needs a slot");
 _Static_assert(LB_MAX_CONNTRACK >= 2, "a flow takes two conntrack entries");

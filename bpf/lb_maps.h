@@ -29,6 +29,20 @@ BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_value, services, LB_MA
 BPF_TABLE_PINNED("array", __u32, __u64, addr_filter, LB_ADDR_FILTER_WORDS + 1,
 		 LB_PIN_DIR "/addr_filter");
 
+/* The reply filter: may a reverse conntrack entry keyed by this (backend)
+ * address exist? Entry 0: the current epoch (LB_RF_EPOCH, filter.h); then two
+ * bitmaps of one bit per address filter slot, epoch 0's at
+ * 1..LB_REPLY_FILTER_WORDS, epoch 1's after it; a set bit says "no entry", so
+ * all zeros (a new map) says "may" everywhere. The datapath clears an address's
+ * bit in the current epoch's bitmap before it inserts a reverse entry; the
+ * agent, at each conntrack GC pass, flips the epoch, waits for the programs
+ * that may still clear bits in the old bitmap, and rewrites that one from the
+ * reverse entries then in conntrack. A packet from an address set in both
+ * skips the reverse lookup (lb_reply_may_exist). Never copied by a migration
+ * (the new map starts all "may"). Fixed size. */
+BPF_TABLE_PINNED("array", __u32, __u64, reply_filter, 2 * LB_REPLY_FILTER_WORDS + 1,
+		 LB_PIN_DIR "/reply_filter");
+
 /* Backends: backend id -> (address, port, proto). One entry per distinct
  * endpoint, shared by every service that uses it. Full: new backends cannot
  * be added. A flow whose backend id is gone is moved to a live backend. */

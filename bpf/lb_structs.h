@@ -139,6 +139,8 @@ struct lb_counters {
 	/* socket-level load balancing (sock.h): per system call, not per packet */
 	__u64 sock_xlate;  /* connects and datagrams sent to a frontend, given a backend */
 	__u64 sock_revnat; /* peers and datagram sources written back from a backend to the VIP */
+	/* the reply filter (filter.h) */
+	__u64 rev_skipped; /* of passed: from a backend address with no reverse entry, not looked up */
 };
 
 /* node_config: this node's settings, written by the agent (one entry). */

@@ -67,6 +67,7 @@ static __always_inline int lb_snat_alloc(struct lb_flow *f, const struct lb_node
 	f->flags |= LB_CT_F_SNAT;
 	f->nat_addr = lb_snat_ip(cfg);
 	ct_reverse_value(&v, f, now);
+	lb_reply_mark(f->backend); /* every try's reverse key has it */
 	for (__u32 i = 0; i < LB_SNAT_TRIES && i < range; i++) {
 		f->nat_port = lb_htons(cfg->snat_port_min + (first + i) % range);
 		ct_reverse_key(&k, f);

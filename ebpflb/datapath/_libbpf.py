@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 from ctypes import POINTER, c_char_p, c_int, c_uint32, c_uint64, c_void_p
 from functools import cache
@@ -210,6 +211,23 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     BpfError on failure: entries before the failing one may have been written."""
     n = c_uint32(count)
     check(lib().bpf_map_update_batch(fd, keys, values, ctypes.byref(n), None), "batch update")
+
+
+def array_lookup_range(fd: int, first: int, count: int, value_size: int) -> bytes:
+    """The values of entries first..first+count-1 (first > 0) of an array map, back to back,
+    in one syscall: a batch lookup resumes after the key given (first - 1)."""
+    after, last = c_uint32(first - 1), c_uint32()
+    keys = ctypes.create_string_buffer(4 * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    n = c_uint32(count)
+    ret = lib().bpf_map_lookup_batch(
+        fd, ctypes.byref(after), ctypes.byref(last), keys, values, ctypes.byref(n), None
+    )
+    if ret != -errno.ENOENT:  # ENOENT: the map ended (with n short of count, refused below)
+        check(ret, "batch lookup")
+    if n.value != count:
+        raise BpfError(errno.ERANGE, f"entries {first}..{first + count - 1}: {n.value} found")
+    return values.raw
 
 
 def map_delete_batch(fd: int, keys: bytes, count: int) -> None:

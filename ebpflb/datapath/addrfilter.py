@@ -1,4 +1,4 @@
-"""The address filter: which addresses may be a frontend's or a backend's (bpf/lb.h,
+"""The address filter: which addresses may be a frontend's or a backend's (bpf/filter.h,
 lb_addr_may_be), so that the datapath skips the services and reverse conntrack lookups of
 packets that cannot need them.
 
@@ -18,7 +18,7 @@ from ebpflb.datapath import _libbpf
 from ebpflb.datapath.maps import BpfMap, MapLike
 from ebpflb.datapath.structs import U32, U64
 
-# Must match LB_ADDR_FILTER_* in bpf/lb_config.h and LB_ADDR_* in bpf/lb.h.
+# Must match LB_ADDR_FILTER_* in bpf/lb_config.h and LB_ADDR_* in bpf/filter.h.
 BITS = 20
 SLOTS = 1 << BITS
 WORDS = SLOTS // 32
@@ -29,10 +29,16 @@ READY = 0  # the entry that says the words are complete
 _M32 = 0xFFFFFFFF
 
 
+def slots(addrs: Iterable[int]) -> list[int]:
+    """The slot of each address as lb_structs.h stores it (the __be32 read as a host int):
+    lb_addr_slot() of bpf/filter.h, shared by the address and the reply filter (inlined: it
+    runs for every address of a bulk, and for every reverse entry of a GC pass)."""
+    mul, m, shift = MUL, _M32, 32 - BITS
+    return [((a ^ (a >> 16)) * mul & m) >> shift for a in addrs]
+
+
 def slot(addr: int) -> int:
-    """The slot of an address as lb_structs.h stores it (the __be32 read as a host int):
-    lb_addr_may_be() of bpf/lb.h."""
-    return ((addr ^ (addr >> 16)) * MUL & _M32) >> (32 - BITS)
+    return slots((addr,))[0]
 
 
 def bit_number(addr: int, kind: int) -> int:
@@ -128,15 +134,7 @@ class AddrFilter:
         """Write the words that changed; returns how many."""
         todo = sorted(self._dirty)
         self._dirty.clear()
-        if not todo:
-            return 0
-        words = [self._words.get(i, 0) for i in todo]
-        if isinstance(self._map, BpfMap):  # one syscall: an array map takes batches
-            keys, values = array("I", todo).tobytes(), array("Q", words).tobytes()
-            _libbpf.map_update_batch(self._map.fd, keys, values, len(todo))
-        else:
-            for index, word in zip(todo, words, strict=True):
-                self._map.update(U32(index), U64(word))
+        write_words(self._map, todo, [self._words.get(i, 0) for i in todo])
         return len(todo)
 
     def may_be(self, addr: int, kind: int) -> bool:
@@ -145,8 +143,32 @@ class AddrFilter:
         return not self.ready or bool(self._words.get(index, 0) & mask)
 
 
+def write_words(bpf_map: MapLike[U32, U64], indices: list[int], words: list[int]) -> None:
+    """Write words at these indices of an array map of u64 (a filter's): one syscall for a
+    BpfMap, an array map takes batches."""
+    if not indices:
+        return
+    if isinstance(bpf_map, BpfMap):
+        keys, values = array("I", indices).tobytes(), array("Q", words).tobytes()
+        _libbpf.map_update_batch(bpf_map.fd, keys, values, len(indices))
+    else:
+        for index, word in zip(indices, words, strict=True):
+            bpf_map.update(U32(index), U64(word))
+
+
+def read_words(bpf_map: MapLike[U32, U64], first: int, count: int) -> list[int]:
+    """The words at indices first..first+count-1 (first > 0) of an array map of u64 (a
+    filter's): one syscall for a BpfMap."""
+    if isinstance(bpf_map, BpfMap):
+        return array("Q", _libbpf.array_lookup_range(bpf_map.fd, first, count, 8)).tolist()
+    words = [0] * count
+    for (index, *_), (word, *_) in bpf_map.rows():
+        if first <= index < first + count:
+            words[index - first] = word
+    return words
+
+
 def _bit_numbers(addrs: Iterable[int], kind: int) -> list[int]:
-    """bit_number() of each address (inlined: it runs for every address of a bulk)."""
-    mul, m, shift, k = MUL, _M32, 31 - BITS, kind - 1
-    # 2 * slot: the product's top BITS bits, shifted one less.
-    return [(((a ^ (a >> 16)) * mul & m) >> shift) & ~1 | k for a in addrs]
+    """bit_number() of each address."""
+    k = kind - 1
+    return [s << 1 | k for s in slots(addrs)]

@@ -28,6 +28,7 @@ from ebpflb.datapath.loader import Datapath, DatapathConfig, remove_pins
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 
 CLIENT, VIP, BACKEND, OTHER = "10.244.0.5", "10.96.0.10", "10.244.0.21", "10.244.0.99"
+IDLE_BACKEND = "10.244.0.30"  # a backend of no flow (its clients connect to it directly)
 NODE_IP, EXTERNAL = "192.168.50.10", "192.168.50.200"
 EMPTY_PROGRAM = b"""
 #include <uapi/linux/bpf.h>
@@ -96,6 +97,7 @@ def fixed_frontends() -> list[Frontend]:
         # NodePort to a local backend, and back the same way (external interface programs).
         Frontend(NODE_IP, 30080, "TCP", (Backend(BACKEND, 8081, local=True),), nodeport=True),
         Frontend(BACKEND, 8081, "TCP", (Backend(NODE_IP, 30080, local=True),), nodeport=True),
+        Frontend("10.96.0.11", 80, "TCP", (Backend(IDLE_BACKEND, 8080),)),
     ] + [
         Frontend(vip, 80, "TCP", (Backend(RING[(i + 1) % RING_SIZE], 80),))
         for i, vip in enumerate(RING)
@@ -137,6 +139,8 @@ PATHS = (
     PathSpec("conntrack hit", "from_pod", tcp_frame(CLIENT, VIP, 40000, 80)),
     PathSpec("conntrack hit, nothing to rewrite", "from_pod", tcp_frame(CLIENT, VIP, 40000, 81)),
     PathSpec("reverse NAT", "from_pod", tcp_frame(BACKEND, CLIENT, 8080, 40000)),
+    # Socket-level load balancing: a backend's packet to its client, no flow in conntrack.
+    PathSpec("from a backend, no flow", "from_pod", tcp_frame(IDLE_BACKEND, CLIENT, 8080, 40000)),
     PathSpec(
         "NodePort DNAT, conntrack hit (tc)",
         "nodeport_tc",
@@ -178,7 +182,8 @@ class Subject:
         return dp.external_fd("xdp" if hook == "nodeport_xdp" else "tc")
 
     def prepare(self) -> None:
-        """Program the frontends and open the flows the hit paths run on, in every instance."""
+        """Program the frontends and open the flows the hit paths run on, in every instance;
+        then a GC pass, as the agent makes every few seconds (the reply filter ready)."""
         for i, dp in enumerate(self.instances):
             dp.maps.clear()
             Programmer(dp).sync(frontends(self.services))
@@ -193,6 +198,7 @@ class Subject:
                 tcp_frame(EXTERNAL, BACKEND, 40000, 8081, 0x02),
             ):
                 testrun.run(self.fd("nodeport_tc", i), frame, 1)
+            dp.gc()
 
 
 @dataclass

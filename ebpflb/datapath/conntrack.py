@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ebpflb.datapath import _libbpf, kclock
-from ebpflb.datapath.maps import BpfMap, LbMaps
+from ebpflb.datapath.maps import BpfMap, LbMaps, Row
+from ebpflb.datapath.replyfilter import ReplyFilter
 from ebpflb.datapath.structs import (
     CT_F_CLOSING,
     CT_F_ESTABLISHED,
@@ -44,25 +45,42 @@ class GcStats:
     conntrack_deleted: int = 0
     affinity_scanned: int = 0
     affinity_deleted: int = 0
+    reply_filter_written: int = -1  # words of the reply filter rewritten; -1: not rebuilt
 
 
-def collect(maps: LbMaps, now: int | None = None) -> GcStats:
+def collect(maps: LbMaps, now: int | None = None, *, reply_filter: bool = True) -> GcStats:
     """Delete expired conntrack entries, and affinity entries that are idle past their
-    service's timeout or whose service is gone or no longer has affinity.
+    service's timeout or whose service is gone or no longer has affinity; rebuild the reply
+    filter (if the maps have one and reply_filter says so) around the conntrack scan (see
+    replyfilter.py: its epoch flipped before, the reverse entries kept marked after; while
+    it is not ready, a round on a scan of its own first).
 
     An entry is read again just before it is deleted, so one the datapath refreshed
     meanwhile survives (the window left is a few microseconds; losing an entry
     then only rebalances the flow by the same hash).
     """
+    rf = ReplyFilter(maps.reply_filter) if reply_filter and maps.reply_filter is not None else None
+    rf_written = -1
+    if rf is not None:
+        rf_written = 0 if rf.ready else rf.round(lambda: _reverse_backends(maps.conntrack.rows()))
+        old_epoch = rf.flip()
+        rf.wait()
     t = now_ns() if now is None else now
     rows = maps.conntrack.rows()
     ct_deleted = 0
+    backends = []  # the saddr of every reverse entry left
     for key_row, (last_seen, lifetime, *_) in rows:
         if max(t - last_seen, 0) > lifetime * NSEC_PER_SEC:
             key = CtKey(*key_row)
             again = maps.conntrack.lookup(key)
             if again is not None and ct_expired(again, t) and maps.conntrack.delete(key):
                 ct_deleted += 1
+                continue
+        if key_row[5] == CT_REVERSE:
+            backends.append(key_row[0])
+    if rf is not None:
+        rf_written += rf.rewrite(old_epoch, backends)
+        rf.set_ready()
 
     timeouts = {
         svc_id: timeout
@@ -76,7 +94,12 @@ def collect(maps: LbMaps, now: int | None = None) -> GcStats:
         idle = timeout is None or max(t - last_used, 0) > timeout * NSEC_PER_SEC
         if idle and maps.affinity.delete(AffinityKey(svc_id, client)):
             aff_deleted += 1
-    return GcStats(len(rows), ct_deleted, len(aff_rows), aff_deleted)
+    return GcStats(len(rows), ct_deleted, len(aff_rows), aff_deleted, rf_written)
+
+
+def _reverse_backends(rows: list[tuple[Row, Row]]) -> list[int]:
+    """The saddr of every reverse entry of conntrack rows."""
+    return [key[0] for key, _ in rows if key[5] == CT_REVERSE]
 
 
 @dataclass(frozen=True)

@@ -75,4 +75,5 @@ def fake_maps() -> LbMaps:
         node_config=DictMap(U32, NodeConfig, "node_config"),
         sock_revnat=DictMap(SockKey, SockValue, "sock_revnat"),
         addr_filter=DictMap(U32, U64, "addr_filter"),
+        reply_filter=DictMap(U32, U64, "reply_filter"),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-from ebpflb.datapath import _libbpf, addrfilter, ifaces, kbtf, kclock, layout, node
+from ebpflb.datapath import _libbpf, addrfilter, ifaces, kbtf, kclock, layout, node, replyfilter
 from ebpflb.datapath.compile import (
     MISMATCH,
     PROGRAM_TYPES,
@@ -124,6 +124,7 @@ class DatapathConfig:
             "node_config": 1,
             "sock_revnat": self.max_sock_revnat,
             "addr_filter": addrfilter.WORDS + 1,
+            "reply_filter": replyfilter.ENTRIES,
             "sock_peer": 0,  # socket storage: one value per socket, no size of its own
         }[map_name]
 
@@ -752,8 +753,10 @@ class Datapath:
         return self.maps.counter_totals()
 
     def gc(self, now: int | None = None) -> GcStats:
-        """Remove expired conntrack and affinity entries (see conntrack.collect)."""
-        return collect(self.maps, now)
+        """Remove expired conntrack and affinity entries and rebuild the reply filter (see
+        conntrack.collect). Not the filter while a migration waits: the old programs still
+        make flows that finish_migration() copies in unmarked."""
+        return collect(self.maps, now, reply_filter=not self.migrating)
 
     def close(self, cleanup: bool = False) -> None:
         """Release this process's handles; cleanup: also detach what we attached, unpin the maps."""

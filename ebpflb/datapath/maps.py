@@ -311,6 +311,7 @@ MAP_SPECS = (
     MapSpec("sock_revnat", _libbpf.BPF_MAP_TYPE_LRU_HASH, SockKey, SockValue),
     MapSpec("sock_peer", _libbpf.BPF_MAP_TYPE_SK_STORAGE, U32, SockPeer),
     MapSpec("addr_filter", _libbpf.BPF_MAP_TYPE_ARRAY, U32, U64),
+    MapSpec("reply_filter", _libbpf.BPF_MAP_TYPE_ARRAY, U32, U64),
 )
 
 
@@ -330,6 +331,7 @@ class LbMaps:
     sock_revnat: MapLike[SockKey, SockValue]
     counters: PerCpuArray[Counters] | None = None
     addr_filter: MapLike[U32, U64] | None = None  # None: the programmer keeps no filter
+    reply_filter: MapLike[U32, U64] | None = None  # None: the GC rebuilds no reply filter
 
     @classmethod
     def open(cls, pin_dir: str | os.PathLike[str], types: MapTypes | None = None) -> LbMaps:
@@ -371,6 +373,7 @@ class LbMaps:
             self.node_config,
             self.sock_revnat,
             self.addr_filter,
+            self.reply_filter,
             self.counters,
         ]
 

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 # Maps whose entries the datapath writes: copied again after the swap, for the flows that
 # the old programs created after the first copy.
 FLOW_MAPS = ("conntrack", "affinity")
+# Maps the new programs start with empty, whatever the old ones held. The reply filter
+# marks only the reverse entries inserted by programs or seen by a rebuild: those copied
+# here, the last of them after the swap, are neither, so it starts as zeros (every address
+# marked: every reverse lookup done) until the agent's next GC pass rebuilds it.
+NOT_COPIED = ("reply_filter",)
 
 Convert = Callable[[bytes], "bytes | None"]
 
@@ -79,6 +84,9 @@ class Migration:
     userspace's reach. share_socket_storage() hands the old map itself to the new programs
     when its layout is unchanged; otherwise the new programs start with an empty one, and
     the sockets connected before read their backend as their peer.
+
+    The reply filter is not copied (NOT_COPIED): the new one starts as zeros, skipping
+    nothing.
     """
 
     pin_dir: Path
@@ -98,6 +106,8 @@ class Migration:
                 types = {self.old[name].map_type, self.new[name].map_type}
                 if _libbpf.BPF_MAP_TYPE_SK_STORAGE in types:
                     continue  # cannot be listed: share_socket_storage()
+                if name in NOT_COPIED:
+                    continue
                 self._maps[name] = (self._open(self.pin_dir, name, self.old),)
                 self._maps[name] += (self._open(self.staging, name, self.new),)
         except BaseException:

@@ -254,6 +254,7 @@ COUNTER_FIELDS = (
     "ct_lost",
     "sock_xlate",
     "sock_revnat",
+    "rev_skipped",
 )
 
 

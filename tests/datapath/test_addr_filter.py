@@ -1,4 +1,4 @@
-"""The address filter (addr_filter, bpf/lb.h lb_addr_may_be): the program and the agent agree
+"""The address filter (addr_filter, bpf/filter.h lb_addr_may_be): the program and the agent agree
 on every address's slot, and a packet whose addresses the filter rules out is passed without
 the services and reverse conntrack lookups."""
 

@@ -18,6 +18,7 @@ from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins, staging
 from ebpflb.datapath.maps import BpfMap, PerCpuArray
 from ebpflb.datapath.migrate import converter
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
+from ebpflb.datapath.replyfilter import ReplyFilter
 from ebpflb.datapath.structs import CT_REVERSE, U32, be16_to_port, ip_to_be32, port_to_be16
 from tests.datapath import netns
 from tests.datapath import packets as P
@@ -277,6 +278,51 @@ def test_a_failed_migration_leaves_the_old_datapath_as_it_was(
             check_flows(old, flows)
         finally:
             old.close()
+
+
+def reply_filter(dp: Datapath) -> ReplyFilter:
+    assert dp.maps.reply_filter is not None
+    return ReplyFilter(dp.maps.reply_filter)
+
+
+def test_the_reply_filter_is_adopted_but_never_migrated(pin_dir: Path, tmp_path: Path) -> None:
+    """A restart on the same layout adopts the filter as it is (the same map, ready: its
+    bits still cover every reverse entry). A migration does not copy it: the flows copied
+    into the new conntrack have no bits, so the new programs start it not ready (every
+    reverse lookup done), and the GC leaves it so until the migration is finished."""
+    old = Datapath(pin_dir, TEST_CONFIG)
+    try:
+        flows = make_flows(old)
+        old.gc()
+        assert reply_filter(old).ready
+        rf_id = map_id(pin_dir / "reply_filter")
+    finally:
+        old.close()
+    same = Datapath(pin_dir, TEST_CONFIG)
+    try:
+        assert map_id(pin_dir / "reply_filter") == rf_id and reply_filter(same).ready
+        check_flows(same, flows)
+    finally:
+        same.close()
+    bpf = variant_bpf_dir(tmp_path / "bpf")
+    pending = Datapath(pin_dir, TEST_CONFIG, bpf_dir=bpf, defer_migration=True)
+    try:
+        assert pending.migrating and reply_filter(pending).state() == 0
+        assert pending.gc().reply_filter_written == -1
+        assert reply_filter(pending).state() == 0
+        pending.finish_migration()
+        assert pending.maps.reply_filter is not None
+        assert not any(v[0] for _, v in pending.maps.reply_filter.rows())
+        check_flows(pending, flows)  # not ready: the copied reverse entries are looked up
+        assert pending.gc().reply_filter_written >= 0
+        rf = reply_filter(pending)
+        assert rf.ready
+        reverse = [k.saddr for k, _ in pending.maps.conntrack.items() if k.dir == CT_REVERSE]
+        assert reverse and all(rf.may_exist(a) for a in reverse)
+        check_flows(pending, flows)
+        assert pending.counters()["rev_skipped"] == 0
+    finally:
+        pending.close()
 
 
 def _layout(*fields: tuple[str, int, int, int]) -> StructLayout:

@@ -17,6 +17,7 @@ from scapy.packet import Raw
 
 from ebpflb.datapath import conntrack, node
 from ebpflb.datapath.programmer import Backend, Frontend
+from ebpflb.datapath.replyfilter import ReplyFilter
 from ebpflb.datapath.structs import (
     CT_F_SNAT,
     CT_REVERSE,
@@ -24,6 +25,7 @@ from ebpflb.datapath.structs import (
     IF_F_PARTIAL_CSUM,
     be16_to_port,
     be32_to_ip,
+    ip_to_be32,
 )
 from ebpflb.datapath.testrun import (
     TC_ACT_OK,
@@ -289,6 +291,30 @@ def test_reply_of_a_snat_flow_goes_back_to_the_client(  # type: ignore[no-untype
     c = ext.lab.counters()
     assert (c["rev_nat"], c["rev_snat"], c["fib_redirect"], c["errors"]) == (1, 1, 2, 0)
     assert path_counts(ext.lab, hook) == (2, 0, 0)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_snat_flows_and_the_reply_filter(ext: Ext, hook: str) -> None:
+    """A SNAT flow's reverse entry (inserted by the port claim) has its backend marked, so
+    its reply still goes back to the client, also after a rebuild; a packet to the SNAT
+    address from a backend of no flow skips the lookup."""
+    ext.lab.dp.gc()
+    assert ext.lab.dp.maps.reply_filter is not None
+    rf = ReplyFilter(ext.lab.dp.maps.reply_filter)
+    assert rf.ready and not rf.may_exist(ip_to_be32(REMOTE))
+    ext.run(hook, tcp_in(30081))
+    assert rf.may_exist(ip_to_be32(REMOTE))
+    ext.lab.dp.gc()
+    assert rf.may_exist(ip_to_be32(REMOTE)) and not rf.may_exist(ip_to_be32(UNRESOLVED))
+    reply = P.tcp(REMOTE, NODE_IP, 8080, ext.snat_port(), "SA", seq=7, ack=1001)
+    verdict, out = ext.run(hook, P.with_macs(reply, NODE1_MAC, ETH0_MAC))
+    assert verdict == SENT[hook]
+    want = P.tcp(NODE_IP, CLIENT, 30081, 40000, "SA", seq=7, ack=1001)
+    P.assert_frame(out, P.with_macs(want, ETH0_MAC, CLIENT_MAC))
+    stray = P.with_macs(P.tcp(UNRESOLVED, NODE_IP, 8080, SNAT_MIN, "SA"), NODE1_MAC, ETH0_MAC)
+    assert ext.run(hook, stray) == (PASS[hook], stray)
+    c = ext.lab.counters()
+    assert (c["rev_snat"], c["rev_skipped"]) == (1, 1)
 
 
 def test_a_port_change_that_sums_to_nothing_is_still_written(ext: Ext) -> None:

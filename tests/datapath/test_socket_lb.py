@@ -28,6 +28,7 @@ from ebpflb.datapath.compile import (
 from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.datapath.structs import SockKey, SockValue, be32_to_ip, ip_to_be32, port_to_be16
+from tests.datapath import netns
 from tests.datapath.conftest import SOCK_LB_HOOKS, TEST_CONFIG, Lab, map_id, new_pin_dir
 from tests.datapath.netns import Node, node
 from tests.datapath.scripts import SERVER
@@ -167,6 +168,38 @@ def test_connect_and_datagrams_reach_backends_and_read_back_as_the_vip(
     assert c["sock_revnat"] == 70
     assert c["errors"] == 0
     assert c["packets"] == 0  # no tc program saw a packet: none is attached
+
+
+def test_with_tc_programs_and_a_rebuilt_reply_filter(lab: Lab, pods: Node, cgroup: Path) -> None:
+    """from_pod and to_pod on every pod veth, the reply filter rebuilt: the packets of the
+    connections socket LB sent to the backends skip the reverse lookup (those from the
+    backends: the client's fail the address filter first), and a flow the tc path balances
+    (ClientIP affinity) still has its replies translated, before and after another pass."""
+    lab.sync(*frontends(pods))
+    lab.dp.attach_cgroup(cgroup)
+    veths = [pods.ifindex(pod.host_veth) for pod in pods.pods.values()]
+    with netns.inside(pods.ns):
+        for ifindex in veths:
+            lab.dp.attach(ifindex, "ingress")
+            lab.dp.attach(ifindex, "egress")
+    try:
+        lab.dp.gc()
+        calls = [("tcp", VIP, 80)] * 10 + [("tcp", STICKY_VIP, 80)] * 3
+        first = dial(pods, calls, cgroup)
+        lab.dp.gc()
+        results = first + dial(pods, calls, cgroup)
+        assert [r["error"] for r in results] == [None] * len(results)
+        assert {r["saw"] for r in results} == {pods.pods["c"].ip}
+        assert [tuple(r["peer"]) for r in results] == [(c[1], 80) for c in calls] * 2
+        c = lab.counters()
+        assert c["sock_xlate"] == 20 and c["dnat"] >= 6 and c["errors"] == 0
+        assert c["rev_nat"] >= 6  # at least each sticky connection's SYN-ACK
+        assert c["rev_skipped"] >= 20  # at least each socket-LB connection's SYN-ACK
+    finally:
+        with netns.inside(pods.ns):
+            for ifindex in veths:
+                lab.dp.detach(ifindex, "ingress")
+                lab.dp.detach(ifindex, "egress")
 
 
 def test_a_udp_socket_connected_again_elsewhere_is_not_translated(
