@@ -6,6 +6,7 @@ import os
 import secrets
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,16 @@ SOCK_LB_HOOKS = Counter(
 )
 
 
-@pytest.fixture(scope="session")
-def datapath() -> Iterator[Datapath]:
-    """The program compiled once for the session, its maps pinned in a private directory."""
+@contextmanager
+def own_datapath(config: DatapathConfig = TEST_CONFIG) -> Iterator[Datapath]:
+    """A datapath compiled with config, its maps pinned in a private directory, detached
+    and unpinned after (skips the test where the tier cannot run)."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     pin_dir = new_pin_dir()
     try:
-        dp = Datapath(pin_dir, TEST_CONFIG)
+        dp = Datapath(pin_dir, config)
     except BaseException:
         remove_pins(pin_dir)
         raise
@@ -92,6 +94,13 @@ def datapath() -> Iterator[Datapath]:
     finally:
         dp.close(cleanup=True)
         remove_pins(pin_dir)
+
+
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[Datapath]:
+    """The program compiled once for the session, its maps pinned in a private directory."""
+    with own_datapath() as dp:
+        yield dp
 
 
 FlowKey = tuple[str, str, int, str, int]

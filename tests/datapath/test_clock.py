@@ -10,10 +10,9 @@ import pytest
 
 from ebpflb.datapath import kclock
 from ebpflb.datapath.conntrack import now_ns
-from ebpflb.datapath.loader import Datapath, remove_pins
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from tests.datapath import packets as P
-from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir, skip_reason
+from tests.datapath.conftest import Lab, own_datapath
 
 pytestmark = pytest.mark.datapath
 
@@ -56,20 +55,12 @@ def test_stamps_are_jiffies_and_now_ns_reads_them(lab: Lab) -> None:
 def coarse_lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     """A datapath compiled where the timer list cannot be read (this process and the
     compiler child alike), on maps of its own."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
     monkeypatch.setenv("EBPFLB_TIMER_LIST", "/nonexistent/timer_list")
     kclock.clock.cache_clear()
-    pin_dir = new_pin_dir()
     try:
-        dp = Datapath(pin_dir, TEST_CONFIG)
-        try:
+        with own_datapath() as dp:
             yield Lab(dp, Programmer(dp))
-        finally:
-            dp.close(cleanup=True)
     finally:
-        remove_pins(pin_dir)
         kclock.clock.cache_clear()  # found again, with $EBPFLB_TIMER_LIST as it was
 
 

@@ -15,11 +15,11 @@ from dataclasses import replace
 import pytest
 
 from ebpflb.datapath import kbtf
-from ebpflb.datapath.loader import Datapath, remove_pins
+from ebpflb.datapath.loader import Datapath
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
 from ebpflb.datapath.testrun import TC_ACT_OK
 from tests.datapath import packets as P
-from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir, skip_reason
+from tests.datapath.conftest import TEST_CONFIG, Lab, own_datapath
 
 pytestmark = pytest.mark.datapath
 
@@ -34,20 +34,8 @@ FRONTENDS = (
 @pytest.fixture(scope="module")
 def helpers_dp() -> Iterator[Datapath]:
     """The datapath built to update every L4 checksum through the helpers."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    pin_dir = new_pin_dir()
-    try:
-        dp = Datapath(pin_dir, replace(TEST_CONFIG, read_ip_summed=False))
-    except BaseException:
-        remove_pins(pin_dir)
-        raise
-    try:
+    with own_datapath(replace(TEST_CONFIG, read_ip_summed=False)) as dp:
         yield dp
-    finally:
-        dp.close(cleanup=True)
-        remove_pins(pin_dir)
 
 
 @pytest.fixture
