@@ -159,19 +159,15 @@ static __always_inline int lb_flow_save(const struct lb_flow *f, __u64 now, stru
  * another node gets the client SNATed (cfg gives the address and ports). */
 static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct lb_svc_value *svc,
 					   const struct lb_node_config *cfg, const int external,
-					   struct lb_flow *f, __u64 now, __u32 map_gen,
-					   struct lb_counters *c)
+					   struct lb_flow *f, struct lb_ct_value *e, __u64 now,
+					   __u32 map_gen, struct lb_counters *c)
 {
 	const __u8 gen = lb_svc_gen(svc);
 	struct lb_backend_value *b;
-	struct lb_ct_key key;
-	struct lb_ct_value *e;
 	__u32 backend_id = 0;
 	__u8 flags;
 	int refresh;
 
-	ct_forward_key(&key, f);
-	e = conntrack.lookup(&key);
 	if (e && lb_ct_usable(e, svc, p, now, c)) {
 		LB_COUNT(c, ct_hits);
 		ct_flow_from_forward(f, p, e);
@@ -228,16 +224,18 @@ static __always_inline int lb_forward_flow(const struct lb_pkt *p, const struct 
 }
 
 /* client -> VIP: find or make the flow; the rewrite is DNAT (plus SNAT to the
- * hairpin or the node's address). map_gen: lb_map_gen(), read before svc was looked up. */
+ * hairpin or the node's address). e: the packet's forward entry, or NULL (looked up by
+ * lb_forward_known()); map_gen: lb_map_gen(), read before svc was looked up. */
 static __always_inline int lb_forward(const struct lb_pkt *p, const struct lb_svc_value *svc,
 				      const struct lb_node_config *cfg, const int external,
-				      __u32 map_gen, struct lb_nat *n, struct lb_counters *c)
+				      struct lb_ct_value *e, __u32 map_gen, struct lb_nat *n,
+				      struct lb_counters *c)
 {
 	struct lb_flow f = {
 		.client = p->saddr, .vip = p->daddr, .client_port = p->sport,
 		.vip_port = p->dport, .proto = p->proto, .svc_id = svc->svc_id,
 	};
-	int act = lb_forward_flow(p, svc, cfg, external, &f, lb_now(), map_gen, c);
+	int act = lb_forward_flow(p, svc, cfg, external, &f, e, lb_now(), map_gen, c);
 
 	if (act != LB_ACT_NAT)
 		return act;
@@ -248,12 +246,14 @@ static __always_inline int lb_forward(const struct lb_pkt *p, const struct lb_sv
 /* client -> VIP, for a known flow whose forward entry the maps' generation vouches for
  * (lb_map_gen()): its rewrite without looking the frontend up, as lb_forward() would
  * find it. Whatever needs more (no entry, another gen, expired, a refresh due, a new SYN
- * on a closing flow) is LB_ACT_NEXT: lb_forward() decides. The entry's service, its
+ * on a closing flow) is LB_ACT_NEXT: lb_forward() decides, on the entry looked up here
+ * (*found, NULL if there is none). The entry's service, its
  * membership and its frontend's kind (a NodePort's) were valid when the entry took the
  * gen, and the agent raises the gen after any write that could change that. Like the
  * service's gen in lb_ct_member(), it vouches only for an entry that needs no refresh. */
 static __always_inline int lb_forward_known(const struct lb_pkt *p, __u32 map_gen,
-					    struct lb_nat *n, struct lb_counters *c)
+					    struct lb_ct_value **found, struct lb_nat *n,
+					    struct lb_counters *c)
 {
 	struct lb_ct_key key = {
 		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
@@ -263,10 +263,9 @@ static __always_inline int lb_forward_known(const struct lb_pkt *p, __u32 map_ge
 	struct lb_flow f = {};
 	__u64 now;
 
-	if (!map_gen)
-		return LB_ACT_NEXT;
 	e = conntrack.lookup(&key);
-	if (!e || e->map_gen != map_gen)
+	*found = e;
+	if (!e || !map_gen || e->map_gen != map_gen)
 		return LB_ACT_NEXT;
 	now = lb_now();
 	if (ct_expired(e, now) || ct_needs_refresh(e, ct_next_flags(e->flags, p, 1), now) ||
@@ -286,19 +285,20 @@ static __always_inline int lb_to_frontend(const struct lb_pkt *p, const struct l
 					  struct lb_counters *c)
 {
 	struct lb_svc_value *svc;
+	struct lb_ct_value *e;
 	__u32 map_gen;
 	int act;
 
 	if (!lb_addr_may_be(p->daddr, LB_ADDR_FRONTEND))
 		return LB_ACT_NEXT;
 	map_gen = lb_map_gen(); /* before the lookup: see lb_map_gen() */
-	act = lb_forward_known(p, map_gen, n, c);
+	act = lb_forward_known(p, map_gen, &e, n, c);
 	if (act != LB_ACT_NEXT)
 		return act;
 	svc = lb_service(p);
 	if (!svc || (external && !lb_svc_is_nodeport(svc)))
 		return LB_ACT_NEXT;
-	return lb_forward(p, svc, cfg, external, map_gen, n, c);
+	return lb_forward(p, svc, cfg, external, e, map_gen, n, c);
 }
 
 /* backend -> client: if this is the reply of a balanced flow, the rewrite
