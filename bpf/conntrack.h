@@ -107,6 +107,19 @@ static __always_inline int ct_needs_refresh(const struct lb_ct_value *e, __u8 fl
 	return flags != e->flags || lb_age(now, e->last_seen) >= LB_CT_REFRESH_NS;
 }
 
+/* The key of the packet's own tuple, in direction dir: a client's packet looks up its
+ * forward entry, a backend's reply its reverse entry. */
+static __always_inline void ct_packet_key(struct lb_ct_key *k, const struct lb_pkt *p, __u8 dir)
+{
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
 /* The tuple the client sends: client -> VIP. */
 static __always_inline void ct_forward_key(struct lb_ct_key *k, const struct lb_flow *f)
 {

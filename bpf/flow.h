@@ -255,14 +255,12 @@ static __always_inline int lb_forward_known(const struct lb_pkt *p, __u32 map_ge
 					    struct lb_ct_value **found, struct lb_nat *n,
 					    struct lb_counters *c)
 {
-	struct lb_ct_key key = {
-		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
-		.proto = p->proto, .dir = LB_CT_FORWARD, .pad = 0,
-	};
+	struct lb_ct_key key;
 	struct lb_ct_value *e;
 	struct lb_flow f = {};
 	__u64 now;
 
+	ct_packet_key(&key, p, LB_CT_FORWARD);
 	e = conntrack.lookup(&key);
 	*found = e;
 	if (!e || !map_gen || e->map_gen != map_gen)
@@ -312,10 +310,7 @@ static __always_inline int lb_reverse(const struct lb_pkt *p, const struct lb_no
 				      const int snat_only, const int routable, struct lb_nat *n,
 				      struct lb_counters *c)
 {
-	struct lb_ct_key key = {
-		.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport,
-		.proto = p->proto, .dir = LB_CT_REVERSE, .pad = 0,
-	};
+	struct lb_ct_key key;
 	struct lb_ct_value *e;
 	struct lb_flow f = {};
 	__u64 now;
@@ -330,6 +325,7 @@ static __always_inline int lb_reverse(const struct lb_pkt *p, const struct lb_no
 		LB_COUNT(c, rev_skipped);
 		return LB_ACT_PASS;
 	}
+	ct_packet_key(&key, p, LB_CT_REVERSE);
 	e = conntrack.lookup(&key);
 	if (!e || (snat_only && !(e->flags & LB_CT_F_SNAT))) {
 		LB_COUNT(c, passed);

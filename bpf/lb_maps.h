@@ -24,7 +24,7 @@ BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc_value, services, LB_MA
  * filter, every address may be either). Written by the agent only: a slot's
  * bit is set before the first entry with such an address is written, and
  * cleared after the last is deleted. A packet whose addresses are neither
- * skips the services and reverse conntrack lookups (lb_addr_may_be in lb.h).
+ * skips the services and reverse conntrack lookups (lb_addr_may_be in filter.h).
  * Fixed size. */
 BPF_TABLE_PINNED("array", __u32, __u64, addr_filter, LB_ADDR_FILTER_WORDS + 1,
 		 LB_PIN_DIR "/addr_filter");
