@@ -24,7 +24,12 @@ class LoadSettings:
     """How hard the clients push; the same for every mode of one run."""
 
     seconds: float = 3.0
-    iperf_seconds: float = 3.0
+    iperf_seconds: float = 3.0  # each throughput run's (whole seconds: iperf3 -t)
+    # Throughput runs per round, the round's figure their mean. One TCP stream over veths
+    # on 2 vCPUs varies about 20% from run to run, as the scheduler splits sender, receiver
+    # and their softirq work over the CPUs anew each run (10 runs over a bare veth pair:
+    # 11.6-24.6 Gbit/s of 2 s, 8.6-21.8 of 1 s): more runs, not longer ones.
+    iperf_runs: int = 1
     procs: int = 2
     concurrency: int = 128  # direct rose 25% from 64 to 128 in the calibration runs
     latency_rate: float = 1000.0
@@ -55,6 +60,17 @@ def iperf(ns: Netns, target: tuple[str, int], seconds: float) -> dict[str, float
     return {
         "gbps": float(end["sum_received"]["bits_per_second"]) / 1e9,
         "retransmits": float(end.get("sum_sent", {}).get("retransmits", 0)),
+    }
+
+
+def throughput(ns: Netns, target: tuple[str, int], s: LoadSettings) -> dict[str, Any]:
+    """s.iperf_runs runs of iperf() one after the other: their mean Gbit/s, all their
+    retransmits, and each run's Gbit/s."""
+    runs = [iperf(ns, target, s.iperf_seconds) for _ in range(max(s.iperf_runs, 1))]
+    return {
+        "gbps": sum(r["gbps"] for r in runs) / len(runs),
+        "retransmits": sum(r["retransmits"] for r in runs),
+        "runs_gbps": [r["gbps"] for r in runs],
     }
 
 

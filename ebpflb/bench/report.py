@@ -248,13 +248,16 @@ def markdown(results: Mapping[str, Any]) -> str:
     summary = results.get("summary", {})
     skipped = results.get("skipped", {})
     settings = results.get("settings", {})
+    load = settings.get("load", {})
     if summary:
         out += [
             "## Data plane",
             "",
             f"Median of {settings.get('rounds')} interleaved rounds per figure (modes in turn: "
             f"{', '.join(order)}); each ÷ column is the median over rounds of the mode's figure "
-            "divided by that baseline's figure in the same round. Latency: new connection + "
+            "divided by that baseline's figure in the same round. Throughput: one TCP stream, "
+            f"the mean of {load.get('iperf_runs', 1)} iperf3 runs of "
+            f"{load.get('iperf_seconds')} s in each round. Latency: new connection + "
             f"one request at {settings.get('latency_rate')} connections/s, counted from when "
             "each was due. Services installed include the 2 measured ones (HTTP, iperf3), "
             "last in kube-proxy's KUBE-SERVICES chain.",

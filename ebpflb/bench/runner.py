@@ -75,7 +75,7 @@ class Plan:
             }
         else:
             base = {
-                "load": LoadSettings(seconds=1.5, iperf_seconds=2.0),
+                "load": LoadSettings(seconds=1.5, iperf_seconds=1.0, iperf_runs=3),
                 "install_budget": 200.0,
                 "perpacket_rounds": 2,
                 "control": ControlSettings(netfilter_partial_changes=6, netfilter_timeout=60.0),
@@ -111,7 +111,8 @@ class Plan:
         return per * (1 + c.netfilter_full_changes) + c.netfilter_partial_changes * per / 6
 
     def round_units(self) -> float:
-        return self.load.iperf_seconds + 2 * (self.load.seconds + self.load.warmup) + 1.5
+        iperf = self.load.iperf_runs * (self.load.iperf_seconds + 0.4)
+        return iperf + 2 * (self.load.seconds + self.load.warmup) + 1.1
 
     def install_units(self, services: int) -> float:
         return min(services / 150, self.install_budget)
@@ -276,12 +277,7 @@ class Runner:
         busy0, total0 = _cpu_times()
         t0 = time.monotonic()
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            (
-                "throughput",
-                lambda: dict(
-                    measure.iperf(mode.client_ns, mode.iperf_target(), load.iperf_seconds)
-                ),
-            ),
+            ("throughput", lambda: measure.throughput(mode.client_ns, mode.iperf_target(), load)),
             ("conn_rate", lambda: measure.conn_rate(mode.client_ns, mode.http_targets(), load)),
             ("latency", lambda: measure.latency(mode.client_ns, mode.http_targets(), load)),
         ]

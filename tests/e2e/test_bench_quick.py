@@ -34,7 +34,7 @@ def test_bench_dataplane_direct_and_iptables(tmp_path: Path) -> None:
         scales=(1, 100),
         rounds=1,
         parts=("dataplane",),
-        load=LoadSettings(seconds=0.5, iperf_seconds=1, warmup=0.1, concurrency=8),
+        load=LoadSettings(seconds=0.5, iperf_seconds=1, iperf_runs=2, warmup=0.1, concurrency=8),
     )
     runner = Runner(plan)
     results = runner.run()
@@ -46,6 +46,9 @@ def test_bench_dataplane_direct_and_iptables(tmp_path: Path) -> None:
             figures = summary[scale][mode]
             assert figures["conn_per_s"]["median"] > 0, (scale, mode, results["notes"])
             assert figures["gbps"]["median"] > 0
+            (record,) = results["dataplane"][scale][mode]  # one round: two iperf3 runs
+            runs = record["throughput"]["runs_gbps"]
+            assert len(runs) == 2 and record["throughput"]["gbps"] == pytest.approx(sum(runs) / 2)
             assert figures["p99_ms"]["median"] > 0
         assert summary[scale]["iptables-legacy"]["conn_per_s"]["vs direct"] > 0
     installs = results["modes"]["iptables-legacy"]["installs"]
