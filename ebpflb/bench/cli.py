@@ -61,7 +61,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scales", type=_ints, metavar="LIST", help="Service counts (default 1,1000,10000,50000)"
     )
-    p.add_argument("--rounds", type=int, metavar="N", help="rounds per figure (default 5; quick 3)")
+    p.add_argument("--rounds", type=int, metavar="N", help="rounds per figure (default 6; quick 3)")
     p.add_argument(
         "--only",
         type=_names(PARTS),

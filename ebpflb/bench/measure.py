@@ -63,10 +63,9 @@ def iperf(ns: Netns, target: tuple[str, int], seconds: float) -> dict[str, float
     }
 
 
-def throughput(ns: Netns, target: tuple[str, int], s: LoadSettings) -> dict[str, Any]:
-    """s.iperf_runs runs of iperf() one after the other: their mean Gbit/s, all their
-    retransmits, and each run's Gbit/s."""
-    runs = [iperf(ns, target, s.iperf_seconds) for _ in range(max(s.iperf_runs, 1))]
+def throughput_of(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """A round's throughput from its iperf() runs: their mean Gbit/s, all their retransmits,
+    and each run's Gbit/s."""
     return {
         "gbps": sum(r["gbps"] for r in runs) / len(runs),
         "retransmits": sum(r["retransmits"] for r in runs),

@@ -250,11 +250,20 @@ def markdown(results: Mapping[str, Any]) -> str:
     settings = results.get("settings", {})
     load = settings.get("load", {})
     if summary:
+        if settings.get("interleave") == "steps, back and forth":
+            interleave = (
+                f"modes {', '.join(order)} in even rounds and backwards in odd ones; each step "
+                "(every throughput run, the connection rate, the latency) taken in every mode "
+                "before the next, so a figure and the baseline's it is divided by are seconds "
+                "apart"
+            )
+        else:  # runs before 2026-11-30 took a mode's three steps in a row
+            interleave = f"modes in turn: {', '.join(order)}"
         out += [
             "## Data plane",
             "",
-            f"Median of {settings.get('rounds')} interleaved rounds per figure (modes in turn: "
-            f"{', '.join(order)}); each ÷ column is the median over rounds of the mode's figure "
+            f"Median of {settings.get('rounds')} interleaved rounds per figure ({interleave}); "
+            "each ÷ column is the median over rounds of the mode's figure "
             "divided by that baseline's figure in the same round. Throughput: one TCP stream, "
             f"the mean of {load.get('iperf_runs', 1)} iperf3 runs of "
             f"{load.get('iperf_seconds')} s in each round. Latency: new connection + "

@@ -75,6 +75,7 @@ class Plan:
             }
         else:
             base = {
+                "rounds": 6,  # even: as many rounds forwards as backwards (Runner._round)
                 "load": LoadSettings(seconds=1.5, iperf_seconds=1.0, iperf_runs=3),
                 "install_budget": 200.0,
                 "perpacket_rounds": 2,
@@ -160,6 +161,7 @@ class Runner:
                 "modes": list(plan.modes),
                 "scales": list(plan.scales),
                 "rounds": plan.rounds,
+                "interleave": "steps, back and forth",  # see Runner._round
                 "latency_rate": plan.load.latency_rate,
                 "load": asdict(plan.load),
                 "perpacket_counts": list(plan.perpacket_counts),
@@ -271,26 +273,73 @@ class Runner:
         self.results["calibration"] = runs
         self.progress.advance(10)
 
-    def _round(self, mode: Mode) -> dict[str, Any]:
+    def _round(self, scale: int, n: int, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Round n of the data plane at `scale`: each step (every throughput run, then the
+        connection rate, then the latency) taken in every mode before the next step, the
+        modes in their order in even rounds and backwards in odd ones. A mode's figure and
+        the baseline's it is divided by are then taken seconds apart, not a whole mode's turn
+        (three steps) apart: the machine's speed drifts over tens of seconds, so the closer
+        two figures are, the less of that drift their ratio holds (conn/s of direct and
+        ebpflb taken in turn on this VM: per-pair ratios spread 0.089 (sd of the log) for
+        neighbours, 0.135 three pairs apart). Going back and forth keeps direct and ebpflb
+        next to each other, puts every mode in the middle on average, and makes a drift over
+        the round favour each of two neighbours in every other round."""
         load = self.plan.load
-        record: dict[str, Any] = {}
-        busy0, total0 = _cpu_times()
-        t0 = time.monotonic()
-        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("throughput", lambda: measure.throughput(mode.client_ns, mode.iperf_target(), load)),
-            ("conn_rate", lambda: measure.conn_rate(mode.client_ns, mode.http_targets(), load)),
-            ("latency", lambda: measure.latency(mode.client_ns, mode.http_targets(), load)),
+        order = list(names) if n % 2 == 0 else names[::-1]
+
+        def iperf(m: Mode) -> dict[str, Any]:
+            return dict(measure.iperf(m.client_ns, m.iperf_target(), load.iperf_seconds))
+
+        steps: list[tuple[str, Callable[[Mode], dict[str, Any]]]]
+        steps = [("throughput", iperf)] * max(load.iperf_runs, 1)
+        steps += [
+            ("conn_rate", lambda m: measure.conn_rate(m.client_ns, m.http_targets(), load)),
+            ("latency", lambda m: measure.latency(m.client_ns, m.http_targets(), load)),
         ]
+        out: dict[str, dict[str, Any]] = {name: {} for name in order}
+        iperf_runs: dict[str, list[dict[str, float]]] = {name: [] for name in order}
+        spent = {name: [0.0, 0.0, 0.0] for name in order}  # seconds, busy and total jiffies
+        step_units = self.plan.round_units() / len(steps)
         for key, fn in steps:
-            try:
-                record[key] = fn()
-            except (MeasureError, OSError, subprocess.SubprocessError) as e:
-                record[key] = {"error": str(e)}
-        busy1, total1 = _cpu_times()
-        record["seconds"] = time.monotonic() - t0
-        record["cpu_busy"] = (busy1 - busy0) / max(total1 - total0, 1.0)
-        record["load"] = self._load()
-        return record
+            for name in order:
+                self.progress.say(
+                    f"data plane: {scale:,} Services, round {n + 1}/{self.plan.rounds}, "
+                    f"{key.replace('_', ' ')}, {name}"
+                )
+                record = out[name]
+                busy0, total0 = _cpu_times()
+                t0 = time.monotonic()
+                if key not in record:  # a failed throughput run fails the round's throughput
+                    try:
+                        figures = fn(self.modes[name])
+                    except (MeasureError, OSError, subprocess.SubprocessError) as e:
+                        record[key] = {"error": str(e)}
+                    else:
+                        if key == "throughput":
+                            iperf_runs[name].append(figures)
+                        else:
+                            record[key] = figures
+                busy1, total1 = _cpu_times()
+                used = spent[name]
+                used[0] += time.monotonic() - t0
+                used[1] += busy1 - busy0
+                used[2] += total1 - total0
+                self.progress.advance(step_units)
+        load_avg = self._load()
+        rounds: dict[str, dict[str, Any]] = {}
+        for position, name in enumerate(order):
+            record = out[name]
+            seconds, busy, total = spent[name]
+            rounds[name] = {
+                "throughput": record.get("throughput") or measure.throughput_of(iperf_runs[name]),
+                "conn_rate": record["conn_rate"],
+                "latency": record["latency"],
+                "seconds": seconds,
+                "cpu_busy": busy / max(total, 1.0),
+                "load": load_avg,
+                "position": position,
+            }
+        return rounds
 
     def dataplane(self) -> None:
         p = self.plan
@@ -302,7 +351,6 @@ class Runner:
         self._build_modes()
         self._calibrate()
         gone: dict[str, str] = {}
-        per_round = p.round_units()
         for scale in p.scales:
             key = str(scale)
             dataplane[key] = {}
@@ -326,12 +374,8 @@ class Runner:
                 self.progress.advance(p.install_units(scale) / len(self.modes))
             active = [n for n in self.modes if n not in gone]
             for r in range(p.rounds):
-                for name in active:
-                    self.progress.say(
-                        f"data plane: {scale:,} Services, round {r + 1}/{p.rounds}, {name}"
-                    )
-                    dataplane[key].setdefault(name, []).append(self._round(self.modes[name]))
-                    self.progress.advance(per_round)
+                for name, record in self._round(scale, r, active).items():
+                    dataplane[key].setdefault(name, []).append(record)
             for name in EBPFLB_MODES:
                 eb = self.modes.get(name)
                 if not isinstance(eb, EbpflbMode) or name in gone:

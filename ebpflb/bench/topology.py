@@ -395,6 +395,7 @@ class NetfilterMode(Mode):
         self.name = name
         self.cluster = Cluster(1, external=False)
         self.fillers = 0
+        self.nft_batches: list[tuple[int, float]] = []  # (Services in the table before, s)
         try:
             node_ns = self.cluster.ns(self.node)
             if not set_bridge_netfilter(node_ns, True):
@@ -434,33 +435,55 @@ class NetfilterMode(Mode):
     def _nft(self, text: str, timeout: float = 600.0) -> float:
         return self._run(["nft", "-f", "-"], text, timeout)
 
+    def _nft_rest_seconds(self, need: int) -> float:
+        """A low estimate of the seconds the fillers still missing (of `need`) would take in
+        transactions of NFT_BATCH: each transaction's seconds per Service in the table,
+        the least of the last five transactions', times the table's size at each one
+        still to come. 0 before the table holds NFT_BATCH Services."""
+        recent = [sec / size for size, sec in self.nft_batches[-5:] if size >= NFT_BATCH]
+        if not recent:
+            return 0.0
+        sizes = range(self.fillers + MEASURED, need + MEASURED, NFT_BATCH)
+        return min(recent) * sum(sizes)
+
     def install(self, total: int, budget: float) -> dict[str, float | int | str]:
         need = max(total - MEASURED, 0)
         if need < self.fillers:
             raise ModeError("the benchmark only adds Services")
         t0 = time.perf_counter()
-        deadline = t0 + budget
         result: dict[str, float | int | str] = {"services": total}
         if self.name == "nftables":
             # Added in transactions of NFT_BATCH Services, as kube-proxy's partial syncs
-            # would; each transaction costs more the more the table holds.
+            # would. Each costs more the more the table holds (perf: nf_tables_newset and
+            # nft_set_lookup_global scan all of the table's sets, one anonymous verdict map
+            # per Service), so the whole install grows with the square of the count.
             batches = 0
             while self.fillers < need:
-                left = deadline - time.perf_counter()
-                if left <= 0:
+                elapsed = time.perf_counter() - t0
+                rest = self._nft_rest_seconds(need)
+                if elapsed >= budget or elapsed + rest > budget:
+                    loaded = self.fillers + MEASURED
                     raise BudgetExceeded(
-                        f"nftables: {self.fillers + MEASURED} of {total} Services loaded "
-                        f"after {budget:.0f}s"
+                        f"nftables: {loaded:,} of {total:,} Services loaded after "
+                        f"{elapsed:.0f}s"
+                        + (
+                            f"; the rest would take at least {rest:.0f}s more, at the cost "
+                            f"per Service of its last transactions (over the {budget:.0f}s "
+                            "budget)"
+                            if elapsed < budget
+                            else ""
+                        )
                     )
                 n = min(NFT_BATCH, need - self.fillers)
                 batch = filler_services(n, FILLER_PODS, start=self.fillers)
                 try:
-                    self._nft(nftables.ruleset_fragment(batch), timeout=left)
+                    seconds = self._nft(nftables.ruleset_fragment(batch), timeout=budget - elapsed)
                 except BudgetExceeded:
                     raise BudgetExceeded(
                         f"nftables: {self.fillers + MEASURED:,} of {total:,} Services loaded "
                         f"after {budget:.0f}s"
                     ) from None
+                self.nft_batches.append((self.fillers + MEASURED, seconds))
                 self.fillers += n
                 self.services = self.fillers + MEASURED
                 batches += 1

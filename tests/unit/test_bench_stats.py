@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from ebpflb.bench import loadgen, manifests, perpacket, report, stats
+from ebpflb.bench import loadgen, manifests, measure, perpacket, report, stats
+from ebpflb.bench.measure import LoadSettings, MeasureError
 from ebpflb.bench.model import FakePods, filler_services
 from ebpflb.bench.progress import Progress
+from ebpflb.bench.runner import Plan, Runner
 
 pytestmark = pytest.mark.unit
 
@@ -234,3 +239,50 @@ def test_progress_writes_lines_when_not_a_terminal() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("step one") and " 50% " in lines[1] and lines[-1].endswith("done")
     assert not math.isnan(p.done)
+
+
+def test_a_round_takes_each_step_in_every_mode_before_the_next_back_and_forth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data plane's rounds (runner.Runner._round): step-major, modes backwards in odd rounds,
+    a failed throughput run failing only that mode's throughput."""
+    calls: list[tuple[str, str]] = []
+    fail = [("throughput", "c")] * 2  # c's second iperf3 run fails, once
+
+    def iperf(ns: str, target: object, seconds: float) -> dict[str, float]:
+        calls.append(("throughput", ns))
+        if fail and calls.count(fail[0]) == len(fail):
+            fail.clear()
+            raise MeasureError("iperf3 died")
+        return {"gbps": float(len(calls)), "retransmits": 1.0}
+
+    def step(name: str) -> Callable[[str, object, LoadSettings], dict[str, str]]:
+        def run(ns: str, targets: object, s: LoadSettings) -> dict[str, str]:
+            calls.append((name, ns))
+            return {"ns": ns}
+
+        return run
+
+    monkeypatch.setattr(measure, "iperf", iperf)
+    monkeypatch.setattr(measure, "conn_rate", step("conn_rate"))
+    monkeypatch.setattr(measure, "latency", step("latency"))
+    plan = Plan.make(False, tmp_path, modes=("a", "b", "c"), parts=("dataplane",))
+    runner = Runner(plan)
+    runner.modes = {
+        n: SimpleNamespace(client_ns=n, iperf_target=lambda: None, http_targets=lambda: [])
+        for n in "abc"
+    }
+    first = runner._round(1, 0, ["a", "b", "c"])
+    taken = [("throughput", m) for m in "abcabcab"]  # c's third run skipped: its second failed
+    taken += [(step, m) for step in ("conn_rate", "latency") for m in "abc"]
+    assert calls == taken
+    assert [first[m]["position"] for m in "abc"] == [0, 1, 2]
+    assert first["a"]["throughput"]["runs_gbps"] == [1.0, 4.0, 7.0]
+    assert first["a"]["throughput"]["gbps"] == pytest.approx(4.0)
+    assert first["c"]["throughput"] == {"error": "iperf3 died"}  # its third run was not taken
+    assert first["c"]["conn_rate"] == {"ns": "c"} and first["c"]["latency"] == {"ns": "c"}
+    calls.clear()
+    second = runner._round(1, 1, ["a", "b", "c"])
+    assert calls[:3] == [("throughput", m) for m in "cba"]
+    assert [second[m]["position"] for m in "cba"] == [0, 1, 2]
+    assert second["c"]["throughput"]["runs_gbps"] == [1.0, 4.0, 7.0]  # all three this time
