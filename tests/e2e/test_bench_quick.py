@@ -95,3 +95,32 @@ def test_nftables_install_stops_early_when_its_transactions_say_it_cannot_finish
     finally:
         mode.close()
     assert set(list_netns()) <= before
+
+
+def test_bench_ebpflb_mode_and_its_programs_in_real_traffic(tmp_path: Path) -> None:
+    """The ebpflb mode (agent, registry, socket LB) through one round, and the programs'
+    kernel statistics per connection: connect4 runs once per connection made."""
+    if reason := missing_requirement():
+        pytest.skip(reason)
+    if shutil.which("iperf3") is None:
+        pytest.skip("needs iperf3")
+    before = set(list_netns())
+    plan = Plan.make(
+        True,
+        tmp_path,
+        modes=("ebpflb",),
+        scales=(1,),
+        rounds=1,
+        parts=("dataplane",),
+        load=LoadSettings(seconds=0.5, iperf_seconds=1, warmup=0.2, concurrency=8),
+    )
+    results = Runner(plan).run()
+    assert results["summary"]["1"]["ebpflb"]["conn_per_s"]["median"] > 0, results["notes"]
+    live = results["live_bpf"]["1"]["ebpflb"]
+    assert live["connections"] > 100
+    # Every connection made is counted, as every program run is (no warm-up to leave out).
+    assert live["sock_connect4"]["runs_per_connection"] == pytest.approx(1.0, abs=0.02)
+    assert live["sock_connect4"]["ns_per_run"] > 0
+    assert 6 <= live["from_pod"]["runs_per_connection"] <= 14  # each packet of both ends
+    assert set(list_netns()) <= before
+    assert not [p for p in stale_prefixes(min_age=0) if p not in before]
