@@ -16,6 +16,9 @@ EBPFLB_MODES = {"ebpflb": True, "ebpflb-tc": False}
 NETFILTER_MODES = ("iptables-legacy", "iptables-nft", "nftables")
 PARTS = ("perpacket", "control", "dataplane")
 """The benchmark's parts, in the order they run."""
+INTERLEAVE_STEPS = "steps, back and forth"
+"""settings["interleave"] of runs whose rounds take each step in every mode before the next,
+the modes backwards in odd rounds (runner.Runner._round); older runs have no such key."""
 
 NAMESPACE = "default"
 CLUSTER_CIDR = "10.244.0.0/16"

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ebpflb.bench.model import INTERLEAVE_STEPS
 from ebpflb.bench.stats import METRICS
 
 BASELINES = ("direct", "iptables-legacy", "iptables-nft")
@@ -250,7 +251,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     settings = results.get("settings", {})
     load = settings.get("load", {})
     if summary:
-        if settings.get("interleave") == "steps, back and forth":
+        if settings.get("interleave") == INTERLEAVE_STEPS:
             interleave = (
                 f"modes {', '.join(order)} in even rounds and backwards in odd ones; each step "
                 "(every throughput run, the connection rate, the latency) taken in every mode "

@@ -16,7 +16,7 @@ from typing import Any
 from ebpflb.bench import measure, perpacket, report, stats
 from ebpflb.bench.controlplane import ControlSettings, ebpflb_control, netfilter_control
 from ebpflb.bench.measure import LoadSettings, MeasureError
-from ebpflb.bench.model import EBPFLB_MODES, MODES, PARTS
+from ebpflb.bench.model import EBPFLB_MODES, INTERLEAVE_STEPS, MODES, PARTS
 from ebpflb.bench.progress import Progress
 from ebpflb.bench.topology import (
     BudgetExceeded,
@@ -161,7 +161,7 @@ class Runner:
                 "modes": list(plan.modes),
                 "scales": list(plan.scales),
                 "rounds": plan.rounds,
-                "interleave": "steps, back and forth",  # see Runner._round
+                "interleave": INTERLEAVE_STEPS,
                 "latency_rate": plan.load.latency_rate,
                 "load": asdict(plan.load),
                 "perpacket_counts": list(plan.perpacket_counts),
