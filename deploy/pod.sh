@@ -23,6 +23,7 @@ STATE=${EBPFLB_POD_STATE:-/run/ebpflb-pods}
 NGINX=/usr/sbin/nginx
 IFNAME=eth0
 ATTACH_TIMEOUT=${EBPFLB_ATTACH_TIMEOUT:-60}
+PYTHON=${EBPFLB_PYTHON:-/opt/ebpflb/.venv/bin/python}
 
 die() { printf 'pod.sh: %s\n' "$*" >&2; exit 1; }
 usage() {
@@ -115,7 +116,12 @@ wait_for() { # SECONDS WHAT COMMAND...
   done
 }
 
-attached() { tc filter show dev "$1" ingress | grep -q ' bpf '; }
+# A program at the veth's tc ingress: at its tcx hook (Linux 6.6+) or a clsact filter, as
+# the agent's --tc-attach put it (bpftool 7.1 of Debian 12 does not list tcx).
+attached() {
+  "$PYTHON" -c 'import sys; from ebpflb.datapath.loader import tc_programs
+sys.exit(not tc_programs(sys.argv[1], "ingress"))' "$1"
+}
 
 cmd_add() {
   local name=$1 port=${2:-80} dir ip veth i n prev=""

@@ -588,7 +588,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
-    from ebpflb.datapath.loader import DatapathConfig
+    from ebpflb.datapath.loader import TC_ATTACH_MODES, DatapathConfig
 
     p.add_argument("--node", required=True, help="this node's name (its Node object)")
     p.add_argument("--bridge", default="cni0", help="the pods' bridge (default cni0)")
@@ -619,6 +619,14 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         help="socket-level load balancing for the processes of this cgroup v2 directory and "
         "its descendants (e.g. the node's pods): a Service is translated to a backend at "
         "connect() and sendto(), not per packet (bpf/README.md: socket-level)",
+    )
+    p.add_argument(
+        "--tc-attach",
+        choices=TC_ATTACH_MODES,
+        default="auto",
+        help="how the programs go on the interfaces' tc hooks: tcx (Linux 6.6+, no qdisc) or "
+        "a filter under a clsact qdisc (what `tc filter show` lists); auto: tcx where the "
+        "kernel has it (default)",
     )
     p.add_argument(
         "--cleanup",
@@ -652,6 +660,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             tls=tls,
             max_conntrack=args.max_conntrack,
             socket_lb_cgroup=args.socket_lb_cgroup,
+            tc_attach=args.tc_attach,
         )
     )
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ebpflb.cluster import Node, Pod, tcp_request
 from ebpflb.cluster.netns import Netns
+from ebpflb.datapath.loader import PROGRAMS
 from ebpflb.datapath.maps import LbMaps
 from ebpflb.harness import LbCluster, eventually, remove_cluster
 from ebpflb.objects import Key, load_documents
@@ -206,7 +207,7 @@ def run(keep: bool = False, nodes: int = 2, nodeport_mode: str = "") -> int:
             say(f"  ip netns exec {client.netns} curl http://{vip}/")
             say(f"  ip netns exec {lb.cluster.external.netns} curl http://{node.ip}:{node_port}/")
             say(f"  EBPFLB_REGISTRY={lb.address} {sys.argv[0]} get svc")
-            say(f"  ip netns exec {node.netns} tc filter show dev {backends[0].host_veth} ingress")
+            say(f"  bpftool prog show name {PROGRAMS['ingress']}")
             say(f"  {sys.argv[0]} maps --pin-dir {lb.pin_dir(node)}")
             say(f"  bpftool map dump pinned {lb.pin_dir(node)}/services")
             say(f"Remove it with: {sys.argv[0]} demo --cleanup {lb.prefix}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -194,9 +195,13 @@ class LbCluster:
         node = self.cluster.node(pod.node)
         ns = self.cluster.ns(node)
 
+        from ebpflb.cluster.netns import in_netns
+        from ebpflb.datapath.loader import tc_programs
+
         def attached() -> None:
-            out = ns.run(["tc", "filter", "show", "dev", pod.host_veth, "ingress"]).stdout
-            if "from_pod" not in out:
+            where = partial(tc_programs, pod.host_veth, "ingress")
+            names = [name for name, _ in in_netns(ns.name, where)]
+            if "from_pod" not in names:
                 raise AssertionError(f"{pod.host_veth}: no program yet")
 
         eventually(attached, timeout=timeout, interval=0.1)

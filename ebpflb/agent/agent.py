@@ -19,7 +19,13 @@ from ebpflb.agent.links import BridgePorts
 from ebpflb.agent.watcher import Changes, KindWatcher, Message, Relist, Synced
 from ebpflb.api.v1 import registry_pb2 as pb
 from ebpflb.client import RegistryClient, RegistryError, TlsConfig
-from ebpflb.datapath.loader import EXTERNAL_MODES, Datapath, DatapathConfig, ExternalMode
+from ebpflb.datapath.loader import (
+    EXTERNAL_MODES,
+    Datapath,
+    DatapathConfig,
+    ExternalMode,
+    TcAttach,
+)
 from ebpflb.datapath.programmer import Programmer
 from ebpflb.heap import bulk_objects
 from ebpflb.objects import wrap
@@ -48,6 +54,7 @@ class AgentConfig:
     resync_interval: float = 300.0  # a full mark-and-sweep of the maps this often (safety net)
     max_conntrack: int = DatapathConfig.max_conntrack  # entries; a change is migrated
     socket_lb_cgroup: str = ""  # a cgroup v2 directory: socket-level LB for its processes
+    tc_attach: TcAttach = "auto"  # tcx hooks or clsact filters; auto: tcx where the kernel has it
 
     @property
     def pins(self) -> str:
@@ -112,8 +119,12 @@ class Agent:
         # Maps of another layout (an upgrade) are migrated, but the new programs are swapped
         # in only after the first sync has written the registry's state into the new maps.
         self.datapath = Datapath(
-            cfg.pins, DatapathConfig(max_conntrack=cfg.max_conntrack), defer_migration=True
+            cfg.pins,
+            DatapathConfig(max_conntrack=cfg.max_conntrack),
+            defer_migration=True,
+            tc_attach=cfg.tc_attach,
         )
+        log.info("tc programs on %s", "tcx hooks" if self.datapath.tcx else "clsact filters")
         self.programmer = Programmer(self.datapath)
         self.state = DesiredState(cfg.node, self.node_ips)
         self.queue: queue.Queue[Message] = queue.Queue()

@@ -12,12 +12,12 @@ net.bridge.bridge-nf-call-iptables is 0.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ebpflb.bench import iptables, nftables
@@ -37,6 +37,7 @@ from ebpflb.client import RegistryClient
 from ebpflb.cluster import Cluster, Netns, Node, Pod
 from ebpflb.cluster.cgroups import attached_programs
 from ebpflb.cluster.clients import ClientError, tcp_request
+from ebpflb.cluster.netns import in_netns
 
 BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 MEASURED = 2  # Services the figures go through (HTTP and iperf3), counted in a scale
@@ -350,17 +351,13 @@ class EbpflbMode(Mode):
     def program_ids(self) -> dict[str, int]:
         """{program name: id} of what tc runs on the client's host veth (both directions) and,
         with socket-level load balancing, of the programs on the node's cgroup."""
+        from ebpflb.datapath.loader import tc_programs
+
         ns = self.cluster.ns(self.node)
         out: dict[str, int] = {}
         for direction in ("ingress", "egress"):
-            done = ns.run(
-                ["tc", "-j", "filter", "show", "dev", self.pods.client.host_veth, direction]
-            )
-            with contextlib.suppress(ValueError):
-                for f in json.loads(done.stdout or "[]"):
-                    prog = f.get("options", {}).get("prog")
-                    if prog:
-                        out[str(prog["name"])] = int(prog["id"])
+            where = partial(tc_programs, self.pods.client.host_veth, direction)
+            out.update(in_netns(ns.name, where))
         cgroup = self.node.cgroup
         if self.socket_lb and cgroup is not None:  # and the node's socket-level programs
             out.update({p.name: p.id for p in attached_programs(cgroup)})

@@ -121,6 +121,10 @@ class ProgAttachOpts(ctypes.Structure):
 
 BPF_F_ALLOW_MULTI = 1 << 1
 BPF_F_REPLACE = 1 << 2
+# enum bpf_attach_type (Linux 6.6): tcx, the tc hooks without a qdisc (newer than the
+# libbpf 1.1 headers of Debian 12, so spelled out here)
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
 
 
 class BpfError(OSError):
@@ -290,14 +294,54 @@ def cgroup_detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
 
 def cgroup_prog_ids(cgroup_fd: int, attach_type: int) -> list[int]:
     """Ids of the programs attached to the cgroup itself at that hook (not inherited ones)."""
+    return _query(cgroup_fd, attach_type, "querying a cgroup")
+
+
+def tcx_attach(ifindex: int, prog_fd: int, attach_type: int, replace_fd: int = -1) -> None:
+    """Attach a program to an interface's tcx hook (BPF_TCX_INGRESS/EGRESS), after the
+    programs there; with replace_fd, in place of that program, in one step (fails if it is
+    no longer attached there). EEXIST: the program is attached there already."""
+    flags = BPF_F_REPLACE if replace_fd >= 0 else 0
+    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts), flags=flags, replace_prog_fd=replace_fd)
+    ret = lib().bpf_prog_attach_opts(prog_fd, ifindex, attach_type, ctypes.byref(opts))
+    check(ret, f"tcx attach to interface {ifindex} (attach type {attach_type})")
+
+
+def tcx_detach(ifindex: int, prog_fd: int, attach_type: int) -> None:
+    check(
+        lib().bpf_prog_detach2(prog_fd, ifindex, attach_type),
+        f"tcx detach from interface {ifindex} (attach type {attach_type})",
+    )
+
+
+def tcx_prog_ids(ifindex: int, attach_type: int) -> list[int]:
+    """Ids of the programs at an interface's tcx hook, in the order they run. EINVAL: the
+    kernel has no tcx (before Linux 6.6)."""
+    return _query(ifindex, attach_type, f"tcx query of interface {ifindex}")
+
+
+def _query(target: int, attach_type: int, what: str) -> list[int]:
     ids = (c_uint32 * 64)()
     count = c_uint32(len(ids))
     flags = c_uint32(0)
     ret = lib().bpf_prog_query(
-        cgroup_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
+        target, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
     )
-    check(ret, f"querying a cgroup (attach type {attach_type})")
+    check(ret, f"{what} (attach type {attach_type})")
     return list(ids[: count.value])
+
+
+@cache
+def has_tcx() -> bool:
+    """Whether the kernel has tcx hooks: a query of the loopback interface (ifindex 1 in
+    every network namespace) is understood."""
+    try:
+        tcx_prog_ids(1, BPF_TCX_INGRESS)
+    except BpfError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    return True
 
 
 def prog_name(prog_id: int) -> str | None:

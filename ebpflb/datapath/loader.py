@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,16 @@ EXTERNAL_TC_PROGRAM = "nodeport_tc"
 XDP_FLAGS: dict[ExternalMode, int] = {
     "xdp": _libbpf.XDP_FLAGS_DRV_MODE,
     "xdp-generic": _libbpf.XDP_FLAGS_SKB_MODE,
+}
+# How programs are put on tc hooks: tcx (Linux 6.6+: the program runs straight from the
+# device's hook, without the clsact qdisc, its filter chain and cls_bpf around it) or a
+# cls_bpf filter (direct-action, at FILTER_PRIO) under a clsact qdisc. "auto": tcx where
+# the kernel has it.
+TcAttach = Literal["auto", "tcx", "clsact"]
+TC_ATTACH_MODES: tuple[TcAttach, ...] = get_args(TcAttach)
+TCX_TYPES: dict[Direction, int] = {
+    "ingress": _libbpf.BPF_TCX_INGRESS,
+    "egress": _libbpf.BPF_TCX_EGRESS,
 }
 TC_PARENTS: dict[Direction, str] = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
 FILTER_PRIO = 1
@@ -253,11 +264,36 @@ def _tc_replace(ipr: Any, ifindex: int, parent: str, name: str, fd: int) -> None
     )
 
 
+def _tcx_programs(ifindex: int, direction: Direction) -> list[tuple[str, int]]:
+    """(name, program id) of the programs at a tcx hook of ifindex, in the order they run;
+    none where the kernel has no tcx."""
+    if not _libbpf.has_tcx():
+        return []
+    out = []
+    for prog_id in _libbpf.tcx_prog_ids(ifindex, TCX_TYPES[direction]):
+        name = _libbpf.prog_name(prog_id)
+        if name is not None:
+            out.append((name, prog_id))
+    return out
+
+
+def tc_programs(ifname: str, direction: Direction) -> list[tuple[str, int]]:
+    """(name, program id) of the BPF programs on a tc hook of ifname, as we attach them:
+    at its tcx hook, then cls_bpf filters at our prio. Acts in the calling thread's network
+    namespace."""
+    from pyroute2 import IPRoute
+
+    ifindex = socket.if_nametoindex(ifname)
+    with IPRoute() as ipr:
+        return _tcx_programs(ifindex, direction) + _tc_programs(ipr, ifindex, ifname, direction)
+
+
 def _tc_programs(
     ipr: Any, ifindex: int, ifname: str, direction: Direction
 ) -> list[tuple[str, int]]:
-    """(name, program id) of the BPF filters at our prio on a tc hook of ifname. The ids
-    come from tc (pyroute2 does not decode them), asked only where there is a BPF filter."""
+    """(name, program id) of the BPF filters at our prio on a tc hook of ifname (clsact).
+    The ids come from tc (pyroute2 does not decode them), asked only where there is a BPF
+    filter."""
     parent = int(TC_PARENTS[direction].replace(":", ""), 16)
     if not any(f.get_attr("TCA_KIND") == "bpf" for f in ipr.get_filters(ifindex, parent=parent)):
         return []
@@ -396,8 +432,16 @@ class Datapath:
         *,
         bpf_dir: Path | None = None,
         defer_migration: bool = False,
+        tc_attach: TcAttach = "auto",
     ) -> None:
         self.config = config or DatapathConfig()
+        if tc_attach not in TC_ATTACH_MODES:
+            raise ValueError(f"tc_attach {tc_attach!r} is not one of {TC_ATTACH_MODES}")
+        if tc_attach == "tcx" and not _libbpf.has_tcx():
+            raise DatapathError("this kernel has no tcx hooks (Linux 6.6 and later)")
+        # how attach() and attach_external() put programs on tc hooks: tcx, else a filter
+        # under clsact (read at each attachment)
+        self.tcx = tc_attach == "tcx" or (tc_attach == "auto" and _libbpf.has_tcx())
         self.pin_dir = Path(pin_dir)
         where = self.pin_dir if self.pin_dir.exists() else self.pin_dir.parent
         if _fs_type(where) != BPFFS_MAGIC_NAME:
@@ -500,8 +544,8 @@ class Datapath:
         remove_staging(self._staging)
 
     def _swap_programs(self) -> int:
-        """Point every tc filter and XDP attachment of our programs at the new ones, each
-        in one step; returns how many. On a failure those done are put back."""
+        """Point every tcx, tc filter and XDP attachment of our programs at the new ones,
+        each in one step; returns how many. On a failure those done are put back."""
         from pyroute2 import IPRoute
 
         undo: list[Callable[[], None]] = []
@@ -516,6 +560,14 @@ class Datapath:
                 for link in ipr.get_links():
                     idx, ifname = int(link["index"]), str(link.get_attr("IFLA_IFNAME"))
                     for direction, parent in TC_PARENTS.items():
+                        tcx_type = TCX_TYPES[direction]
+                        for name, prog_id in _tcx_programs(idx, direction):
+                            if name not in self._progs:
+                                continue
+                            old_fd = old_program(prog_id)
+                            new_fd = self._progs[name]
+                            _libbpf.tcx_attach(idx, new_fd, tcx_type, replace_fd=old_fd)
+                            undo.append(partial(_libbpf.tcx_attach, idx, old_fd, tcx_type, new_fd))
                         for name, prog_id in _tc_programs(ipr, idx, ifname, direction):
                             if name not in self._progs:
                                 continue
@@ -556,12 +608,14 @@ class Datapath:
     # -- pod veths --------------------------------------------------------
 
     def attach(self, ifindex: int, direction: Direction = "ingress") -> None:
-        """Attach at tc ingress (from_pod) or egress (to_pod), replacing our earlier filter."""
+        """Attach at tc ingress (from_pod) or egress (to_pod), replacing what an earlier
+        program of ours (this instance's, an earlier agent's) had there."""
         self._tc_attach(ifindex, direction, PROGRAMS[direction])
         self._attached.add((ifindex, direction))
 
     def detach(self, ifindex: int, direction: Direction = "ingress") -> None:
-        """Remove our filter (also one left by an earlier agent); the clsact qdisc too if unused."""
+        """Remove our program (also one left by an earlier agent, tcx or filter); the clsact
+        qdisc too if unused."""
         self._tc_detach(ifindex, direction)
         self._attached.discard((ifindex, direction))
 
@@ -570,6 +624,55 @@ class Datapath:
         return frozenset(self._attached)
 
     def _tc_attach(self, ifindex: int, direction: Direction, program: str) -> None:
+        if self.tcx:
+            self._tcx_attach(ifindex, direction, program)
+            self._clsact_detach(ifindex, direction)  # an older agent's filter: tcx runs first
+        else:
+            self._tcx_detach(ifindex, direction)  # one of another agent that had tcx
+            self._clsact_attach(ifindex, direction, program)
+
+    def _tcx_attach(self, ifindex: int, direction: Direction, program: str) -> None:
+        """Our program at the tcx hook: in place of the first program of ours there (by
+        name), the others of ours removed; else after those of others."""
+        fd, tcx_type = self._progs[program], TCX_TYPES[direction]
+        ours = [(n, i) for n, i in _tcx_programs(ifindex, direction) if n in self._progs]
+        here = _libbpf.prog_info(fd).id
+        if not any(i == here for _, i in ours):
+            if ours:
+                old_fd = _libbpf.prog_fd_by_id(ours[0][1])
+                try:
+                    _libbpf.tcx_attach(ifindex, fd, tcx_type, replace_fd=old_fd)
+                finally:
+                    os.close(old_fd)
+            else:
+                _libbpf.tcx_attach(ifindex, fd, tcx_type)
+        for _, prog_id in _tcx_programs(ifindex, direction):
+            if prog_id != here and _libbpf.prog_name(prog_id) in self._progs:
+                self._tcx_detach_id(ifindex, direction, prog_id)
+
+    def _tcx_detach(self, ifindex: int, direction: Direction) -> None:
+        """Remove every program of ours (by name) from the tcx hook."""
+        for name, prog_id in _tcx_programs(ifindex, direction):
+            if name in self._progs:
+                self._tcx_detach_id(ifindex, direction, prog_id)
+
+    @staticmethod
+    def _tcx_detach_id(ifindex: int, direction: Direction, prog_id: int) -> None:
+        try:
+            fd = _libbpf.prog_fd_by_id(prog_id)
+        except _libbpf.BpfError as e:
+            if e.errno == errno.ENOENT:
+                return  # gone meanwhile
+            raise
+        try:
+            _libbpf.tcx_detach(ifindex, fd, TCX_TYPES[direction])
+        except _libbpf.BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        finally:
+            os.close(fd)
+
+    def _clsact_attach(self, ifindex: int, direction: Direction, program: str) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -582,6 +685,10 @@ class Datapath:
             _tc_replace(ipr, ifindex, TC_PARENTS[direction], program, self._progs[program])
 
     def _tc_detach(self, ifindex: int, direction: Direction) -> None:
+        self._tcx_detach(ifindex, direction)
+        self._clsact_detach(ifindex, direction)
+
+    def _clsact_detach(self, ifindex: int, direction: Direction) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 

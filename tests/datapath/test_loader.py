@@ -16,14 +16,18 @@ from ebpflb.datapath.loader import (
     PROGRAMS,
     Datapath,
     DatapathError,
+    Direction,
     find_bpf_dir,
     remove_pins,
     render_source,
+    tc_programs,
 )
 from tests.datapath import netns
 from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir
 
 pytestmark = pytest.mark.datapath
+
+HOOKS: tuple[Direction, ...] = ("ingress", "egress")
 
 
 def test_render_source_inlines_every_local_header() -> None:
@@ -47,28 +51,125 @@ def qdiscs(n: netns.Node, ifname: str) -> list[str]:
     return [str(q["kind"]) for q in json.loads(out)]
 
 
+def programs(n: netns.Node, ifname: str, hook: Direction) -> list[tuple[str, int]]:
+    """(name, id) of the programs on a tc hook of ifname: tcx, then our clsact filter."""
+    with netns.inside(n.ns):
+        return tc_programs(ifname, hook)
+
+
+def prog_id(fd: int) -> int:
+    return int(_libbpf.prog_info(fd).id)
+
+
 def test_attach_replace_detach(lab: Lab) -> None:
+    """tcx, where the kernel has it (this one): no qdisc, no filter."""
+    assert lab.dp.tcx
     with netns.node() as n:
         pod = n.add_pod("a", 5)
         idx = n.ifindex(pod.host_veth)
         with netns.inside(n.ns):
             lab.dp.attach(idx)
-            lab.dp.attach(idx)  # again: replaces, no second filter
+            lab.dp.attach(idx)  # again: replaces, no second program
             lab.dp.attach(idx, "egress")
-        for hook, program in (("ingress", "from_pod"), ("egress", "to_pod")):
-            (f,) = filters(n, pod.host_veth, hook)
-            opts = f["options"]
-            assert isinstance(opts, dict)
-            assert opts["bpf_name"] == program and opts["direct-action"], opts
+        for hook in HOOKS:
+            want = [(PROGRAMS[hook], prog_id(lab.dp.program_fd(hook)))]
+            assert programs(n, pod.host_veth, hook) == want
+            assert filters(n, pod.host_veth, hook) == []
+        assert qdiscs(n, pod.host_veth) == ["noqueue"]
         assert lab.dp.attached == {(idx, "ingress"), (idx, "egress")}
         with netns.inside(n.ns):
             lab.dp.detach(idx)
-            assert filters(n, pod.host_veth, "ingress") == []
-            assert "clsact" in qdiscs(n, pod.host_veth)  # egress still uses it
+        assert programs(n, pod.host_veth, "ingress") == []
+        assert programs(n, pod.host_veth, "egress") != []
+        with netns.inside(n.ns):
             lab.dp.detach(idx, "egress")
             lab.dp.detach(idx, "egress")  # nothing there any more: fine
-        assert "clsact" not in qdiscs(n, pod.host_veth)
+        assert programs(n, pod.host_veth, "egress") == []
         assert not lab.dp.attached
+
+
+def test_attach_replace_detach_clsact() -> None:
+    """A filter under clsact, as on kernels without tcx (asked for here)."""
+    pin_dir = new_pin_dir()
+    try:
+        with netns.node() as n, Datapath(pin_dir, TEST_CONFIG, tc_attach="clsact") as dp:
+            assert not dp.tcx
+            pod = n.add_pod("a", 5)
+            idx = n.ifindex(pod.host_veth)
+            with netns.inside(n.ns):
+                dp.attach(idx)
+                dp.attach(idx)  # again: replaces, no second filter
+                dp.attach(idx, "egress")
+            for hook, program in (("ingress", "from_pod"), ("egress", "to_pod")):
+                (f,) = filters(n, pod.host_veth, hook)
+                opts = f["options"]
+                assert isinstance(opts, dict)
+                assert opts["bpf_name"] == program and opts["direct-action"], opts
+                assert programs(n, pod.host_veth, hook) == [(program, opts["prog"]["id"])]
+            with netns.inside(n.ns):
+                dp.detach(idx)
+                assert filters(n, pod.host_veth, "ingress") == []
+                assert "clsact" in qdiscs(n, pod.host_veth)  # egress still uses it
+                dp.detach(idx, "egress")
+                dp.detach(idx, "egress")  # nothing there any more: fine
+            assert "clsact" not in qdiscs(n, pod.host_veth)
+            assert not dp.attached
+            dp.close(cleanup=True)
+    finally:
+        remove_pins(pin_dir)
+
+
+def test_tcx_and_clsact_take_over_from_each_other_and_leave_others_alone(
+    datapath: Datapath,
+) -> None:
+    """An agent on tcx replaces an older agent's clsact filter (and the qdisc goes); one
+    on clsact replaces a tcx program of ours; a program of someone else on the tcx hook
+    stays where it is, before ours, through all of it."""
+    from bcc import BPF
+
+    other = BPF(text=b"int other(struct __sk_buff *skb) { return -1; }")  # TCX_NEXT
+    other_fd = other.load_func(b"other", BPF.SCHED_CLS).fd
+    pin_dir = new_pin_dir()
+    try:
+        with netns.node() as n:
+            pod = n.add_pod("a", 5)
+            idx = n.ifindex(pod.host_veth)
+            with netns.inside(n.ns):
+                _libbpf.tcx_attach(idx, other_fd, _libbpf.BPF_TCX_INGRESS)
+            theirs = ("other", prog_id(other_fd))
+
+            old = Datapath(pin_dir, TEST_CONFIG, tc_attach="clsact")
+            with netns.inside(n.ns):
+                old.attach(idx)
+            (f,) = filters(n, pod.host_veth, "ingress")
+            assert f["options"]["bpf_name"] == "from_pod"
+            old.close()
+
+            new = Datapath(pin_dir, TEST_CONFIG)  # the same pins: adopted
+            with netns.inside(n.ns):
+                new.attach(idx)
+            mine = ("from_pod", prog_id(new.program_fd("ingress")))
+            assert programs(n, pod.host_veth, "ingress") == [theirs, mine]
+            assert filters(n, pod.host_veth, "ingress") == []
+            assert "clsact" not in qdiscs(n, pod.host_veth)
+            new.close()
+
+            back = Datapath(pin_dir, TEST_CONFIG, tc_attach="clsact")
+            with netns.inside(n.ns):
+                back.attach(idx)
+            (f,) = filters(n, pod.host_veth, "ingress")
+            mine = ("from_pod", f["options"]["prog"]["id"])
+            assert programs(n, pod.host_veth, "ingress") == [theirs, mine]
+            with netns.inside(n.ns):
+                back.detach(idx)
+            assert programs(n, pod.host_veth, "ingress") == [theirs]
+            assert "clsact" not in qdiscs(n, pod.host_veth)
+            back.close(cleanup=True)
+            with netns.inside(n.ns):
+                _libbpf.tcx_detach(idx, other_fd, _libbpf.BPF_TCX_INGRESS)
+    finally:
+        other.cleanup()
+        remove_pins(pin_dir)
 
 
 def test_agent_exit_restart_and_cleanup(datapath: Datapath) -> None:
@@ -83,15 +184,17 @@ def test_agent_exit_restart_and_cleanup(datapath: Datapath) -> None:
             with netns.inside(n.ns):
                 first.attach(n.ifindex(pod.host_veth))
             first.close()
-            (old,) = filters(n, pod.host_veth, "ingress")
+            (old,) = programs(n, pod.host_veth, "ingress")
             assert (pin_dir / "conntrack").exists()
 
             second = Datapath(pin_dir, TEST_CONFIG)
             with netns.inside(n.ns):
                 second.attach(n.ifindex(pod.host_veth))
-                (new,) = filters(n, pod.host_veth, "ingress")
-                assert new["options"] != old["options"]  # the new program replaced the old
+            (new,) = programs(n, pod.host_veth, "ingress")
+            assert new[0] == old[0] == "from_pod" and new != old  # the new one replaced it
+            with netns.inside(n.ns):
                 second.close(cleanup=True)
+            assert programs(n, pod.host_veth, "ingress") == []
             assert filters(n, pod.host_veth, "ingress") == []
             assert "clsact" not in qdiscs(n, pod.host_veth)
             assert not pin_dir.exists()

@@ -4,7 +4,6 @@ programs replace the old on every attachment; a failed migration changes nothing
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,7 +13,15 @@ import pytest
 
 from ebpflb.datapath import _libbpf
 from ebpflb.datapath.layout import LAYOUT_PIN, LAYOUT_V0, StructLayout, read_pinned
-from ebpflb.datapath.loader import Datapath, DatapathError, remove_pins, staging_dir
+from ebpflb.datapath.loader import (
+    Datapath,
+    DatapathError,
+    Direction,
+    TcAttach,
+    remove_pins,
+    staging_dir,
+    tc_programs,
+)
 from ebpflb.datapath.maps import BpfMap, PerCpuArray
 from ebpflb.datapath.migrate import converter
 from ebpflb.datapath.programmer import Backend, Frontend, Programmer
@@ -86,10 +93,11 @@ def prog_id(fd: int) -> int:
     return int(_libbpf.prog_info(fd).id)
 
 
-def tc_prog_id(n: netns.Node, ifname: str, hook: str) -> int:
-    out = netns.sh("tc", "-n", n.ns, "-j", "filter", "show", "dev", ifname, hook)
-    (f,) = [f for f in json.loads(out) if "options" in f]
-    return int(f["options"]["prog"]["id"])
+def tc_prog_id(n: netns.Node, ifname: str, hook: Direction) -> int:
+    """Id of the one program on a tc hook of ifname."""
+    with netns.inside(n.ns):
+        ((_, prog_id),) = tc_programs(ifname, hook)
+    return prog_id
 
 
 def as_format_0(pin_dir: Path) -> None:
@@ -128,15 +136,16 @@ def as_format_0(pin_dir: Path) -> None:
             os.close(fd)
 
 
+@pytest.mark.parametrize("tc_attach", ["tcx", "clsact"])
 def test_bigger_maps_from_format_0_pins_keep_flows_and_swap_every_attachment(
-    pin_dir: Path,
+    pin_dir: Path, tc_attach: TcAttach
 ) -> None:
     """Maps pinned without a layout (as before it existed), a bigger conntrack asked for:
-    the flows move to the new maps, the counters too, and the tc filters and the XDP
-    program of the old datapath are replaced by the new ones."""
+    the flows move to the new maps, the counters too, and the tc programs (tcx or filters)
+    and the XDP program of the old datapath are replaced by the new ones."""
     with netns.node() as n:
         pod, ext = n.add_pod("a", 5), n.add_pod("b", 6)
-        old = Datapath(pin_dir, TEST_CONFIG)
+        old = Datapath(pin_dir, TEST_CONFIG, tc_attach=tc_attach)
         try:
             flows = make_flows(old)
             with netns.inside(n.ns):
