@@ -248,14 +248,16 @@ def test_terminating_fallback_under_local_policies(env: Env) -> None:
     port = svc["node_ports"][0]
     eventually(lambda: env.from_outside(env.nodes[0].ip, port))
     env.delete("Pod", a.name, grace=60)
-    # Node-local fallback: the same node's terminating endpoint serves its clients...
+    # Node 0's health check says no ready local endpoint once its agent has the endpoint
+    # terminating (before that the endpoint serves as a ready one: nothing to see yet)...
+    until(lambda: env.http_status(env.nodes[0].ip, svc["hc"])[0] == 503)
+    # ...while node-local fallback has the same node's terminating endpoint serve its
+    # clients, and the NodePort's...
     assert who(eventually(lambda: env.from_pod(0, svc["ip"], 80))) == a.name
     assert who(eventually(lambda: env.from_outside(env.nodes[0].ip, port))) == a.name
     # ...but not the other node's: nothing local there.
     until(lambda: env.refused(env.lb.cluster.ns(env.clients[1]), svc["ip"], 80))
     until(lambda: env.refused(env.outside, env.nodes[1].ip, port))
-    # The health check says no ready local endpoint, while the NodePort keeps serving.
-    assert env.http_status(env.nodes[0].ip, svc["hc"])[0] == 503
 
 
 def test_a_service_deleted_and_recreated_works(env: Env) -> None:
