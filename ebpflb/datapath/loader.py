@@ -624,12 +624,14 @@ class Datapath:
         return frozenset(self._attached)
 
     def _tc_attach(self, ifindex: int, direction: Direction, program: str) -> None:
+        # The new way in before the other way out (tcx runs first, and a packet it passes
+        # skips clsact's filters), so that no packet goes by without one of them.
         if self.tcx:
             self._tcx_attach(ifindex, direction, program)
-            self._clsact_detach(ifindex, direction)  # an older agent's filter: tcx runs first
+            self._clsact_detach(ifindex, direction)  # an older agent's filter
         else:
-            self._tcx_detach(ifindex, direction)  # one of another agent that had tcx
             self._clsact_attach(ifindex, direction, program)
+            self._tcx_detach(ifindex, direction)  # an agent's on tcx
 
     def _tcx_attach(self, ifindex: int, direction: Direction, program: str) -> None:
         """Our program at the tcx hook: in place of the first program of ours there (by
@@ -646,8 +648,8 @@ class Datapath:
                     os.close(old_fd)
             else:
                 _libbpf.tcx_attach(ifindex, fd, tcx_type)
-        for _, prog_id in _tcx_programs(ifindex, direction):
-            if prog_id != here and _libbpf.prog_name(prog_id) in self._progs:
+        for name, prog_id in _tcx_programs(ifindex, direction):
+            if prog_id != here and name in self._progs:
                 self._tcx_detach_id(ifindex, direction, prog_id)
 
     def _tcx_detach(self, ifindex: int, direction: Direction) -> None:
