@@ -279,17 +279,11 @@ def prog_fd_by_id(prog_id: int) -> int:
 def cgroup_attach(cgroup_fd: int, prog_fd: int, attach_type: int, replace_fd: int = -1) -> None:
     """Attach a program to a cgroup's hook beside others (BPF_F_ALLOW_MULTI); with replace_fd,
     in place of that program, in one step (fails if it is no longer attached there)."""
-    flags = BPF_F_ALLOW_MULTI | (BPF_F_REPLACE if replace_fd >= 0 else 0)
-    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts), flags=flags, replace_prog_fd=replace_fd)
-    ret = lib().bpf_prog_attach_opts(prog_fd, cgroup_fd, attach_type, ctypes.byref(opts))
-    check(ret, f"attaching to a cgroup (attach type {attach_type})")
+    _attach(cgroup_fd, prog_fd, attach_type, BPF_F_ALLOW_MULTI, replace_fd, "a cgroup")
 
 
 def cgroup_detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> None:
-    check(
-        lib().bpf_prog_detach2(prog_fd, cgroup_fd, attach_type),
-        f"detaching from a cgroup (attach type {attach_type})",
-    )
+    _detach(cgroup_fd, prog_fd, attach_type, "a cgroup")
 
 
 def cgroup_prog_ids(cgroup_fd: int, attach_type: int) -> list[int]:
@@ -301,17 +295,28 @@ def tcx_attach(ifindex: int, prog_fd: int, attach_type: int, replace_fd: int = -
     """Attach a program to an interface's tcx hook (BPF_TCX_INGRESS/EGRESS), after the
     programs there; with replace_fd, in place of that program, in one step (fails if it is
     no longer attached there). EEXIST: the program is attached there already."""
-    flags = BPF_F_REPLACE if replace_fd >= 0 else 0
-    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts), flags=flags, replace_prog_fd=replace_fd)
-    ret = lib().bpf_prog_attach_opts(prog_fd, ifindex, attach_type, ctypes.byref(opts))
-    check(ret, f"tcx attach to interface {ifindex} (attach type {attach_type})")
+    _attach(ifindex, prog_fd, attach_type, 0, replace_fd, f"interface {ifindex}")
 
 
 def tcx_detach(ifindex: int, prog_fd: int, attach_type: int) -> None:
-    check(
-        lib().bpf_prog_detach2(prog_fd, ifindex, attach_type),
-        f"tcx detach from interface {ifindex} (attach type {attach_type})",
-    )
+    _detach(ifindex, prog_fd, attach_type, f"interface {ifindex}")
+
+
+def _attach(
+    target: int, prog_fd: int, attach_type: int, flags: int, replace_fd: int, what: str
+) -> None:
+    """BPF_PROG_ATTACH to target (a cgroup's fd, an interface's index), in place of the
+    program of replace_fd if it is >= 0 (BPF_F_REPLACE)."""
+    if replace_fd >= 0:
+        flags |= BPF_F_REPLACE
+    opts = ProgAttachOpts(sz=ctypes.sizeof(ProgAttachOpts), flags=flags, replace_prog_fd=replace_fd)
+    ret = lib().bpf_prog_attach_opts(prog_fd, target, attach_type, ctypes.byref(opts))
+    check(ret, f"attaching to {what} (attach type {attach_type})")
+
+
+def _detach(target: int, prog_fd: int, attach_type: int, what: str) -> None:
+    ret = lib().bpf_prog_detach2(prog_fd, target, attach_type)
+    check(ret, f"detaching from {what} (attach type {attach_type})")
 
 
 def tcx_prog_ids(ifindex: int, attach_type: int) -> list[int]:

@@ -383,18 +383,36 @@ def _cgroup_fd(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _detach_cgroup_program(cgroup_fd: int, prog_id: int, attach_type: int) -> None:
+def _detach_program(detach: Callable[[int], None], prog_id: int) -> None:
+    """detach(an fd of program prog_id); a program or an attachment gone meanwhile is fine."""
     try:
         fd = _libbpf.prog_fd_by_id(prog_id)
     except _libbpf.BpfError:
         return  # gone meanwhile
     try:
-        _libbpf.cgroup_detach(cgroup_fd, fd, attach_type)
+        detach(fd)
     except _libbpf.BpfError as e:
         if e.errno != errno.ENOENT:
             raise
     finally:
         os.close(fd)
+
+
+def _attach_in_place(attach: Callable[[int], None], old_id: int | None) -> None:
+    """attach(replace_fd): in place of program old_id in one step (replace_fd its fd), or
+    added (-1) when there is none to replace."""
+    if old_id is None:
+        attach(-1)
+        return
+    old_fd = _libbpf.prog_fd_by_id(old_id)
+    try:
+        attach(old_fd)
+    finally:
+        os.close(old_fd)
+
+
+def _detach_cgroup_program(cgroup_fd: int, prog_id: int, attach_type: int) -> None:
+    _detach_program(partial(_libbpf.cgroup_detach, cgroup_fd, attach_type=attach_type), prog_id)
 
 
 class Datapath:
@@ -640,14 +658,8 @@ class Datapath:
         ours = [(n, i) for n, i in _tcx_programs(ifindex, direction) if n in self._progs]
         here = _libbpf.prog_info(fd).id
         if not any(i == here for _, i in ours):
-            if ours:
-                old_fd = _libbpf.prog_fd_by_id(ours[0][1])
-                try:
-                    _libbpf.tcx_attach(ifindex, fd, tcx_type, replace_fd=old_fd)
-                finally:
-                    os.close(old_fd)
-            else:
-                _libbpf.tcx_attach(ifindex, fd, tcx_type)
+            attach = partial(_libbpf.tcx_attach, ifindex, fd, tcx_type)
+            _attach_in_place(attach, ours[0][1] if ours else None)
         for name, prog_id in _tcx_programs(ifindex, direction):
             if prog_id != here and name in self._progs:
                 self._tcx_detach_id(ifindex, direction, prog_id)
@@ -660,19 +672,8 @@ class Datapath:
 
     @staticmethod
     def _tcx_detach_id(ifindex: int, direction: Direction, prog_id: int) -> None:
-        try:
-            fd = _libbpf.prog_fd_by_id(prog_id)
-        except _libbpf.BpfError as e:
-            if e.errno == errno.ENOENT:
-                return  # gone meanwhile
-            raise
-        try:
-            _libbpf.tcx_detach(ifindex, fd, TCX_TYPES[direction])
-        except _libbpf.BpfError as e:
-            if e.errno != errno.ENOENT:
-                raise
-        finally:
-            os.close(fd)
+        detach = partial(_libbpf.tcx_detach, ifindex, attach_type=TCX_TYPES[direction])
+        _detach_program(detach, prog_id)
 
     def _clsact_attach(self, ifindex: int, direction: Direction, program: str) -> None:
         from pyroute2 import IPRoute
@@ -826,14 +827,9 @@ class Datapath:
                 ]
                 if mine in ours:
                     ours.remove(mine)
-                elif ours:
-                    old_fd = _libbpf.prog_fd_by_id(ours.pop(0))
-                    try:
-                        _libbpf.cgroup_attach(fd, prog_fd, attach_type, replace_fd=old_fd)
-                    finally:
-                        os.close(old_fd)
                 else:
-                    _libbpf.cgroup_attach(fd, prog_fd, attach_type)
+                    attach = partial(_libbpf.cgroup_attach, fd, prog_fd, attach_type)
+                    _attach_in_place(attach, ours.pop(0) if ours else None)
                 for stale in ours:  # never made by one agent; left by two at once
                     _detach_cgroup_program(fd, stale, attach_type)
             self._detach_ours(fd, RETIRED_SOCK_PROGRAMS)
