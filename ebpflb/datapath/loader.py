@@ -398,17 +398,29 @@ def _detach_program(detach: Callable[[int], None], prog_id: int) -> None:
         os.close(fd)
 
 
-def _attach_in_place(attach: Callable[[int], None], old_id: int | None) -> None:
-    """attach(replace_fd): in place of program old_id in one step (replace_fd its fd), or
-    added (-1) when there is none to replace."""
-    if old_id is None:
-        attach(-1)
-        return
-    old_fd = _libbpf.prog_fd_by_id(old_id)
-    try:
-        attach(old_fd)
-    finally:
-        os.close(old_fd)
+def _take_place(
+    here: int,
+    ours: list[int],
+    attach: Callable[[int], None],
+    detach: Callable[[int], None],
+) -> None:
+    """Make program `here` the one of ours at a hook whose programs named as ours are `ours`
+    (ids): unless it is there already, attach(replace_fd) puts it in place of the first of
+    them in one step (replace_fd: that program's fd), or adds it (-1) when there is none;
+    the others are detached (detach(fd)): there are others only when two agents attached
+    at once."""
+    rest = [i for i in ours if i != here]
+    if here not in ours:
+        if rest:
+            old_fd = _libbpf.prog_fd_by_id(rest.pop(0))
+            try:
+                attach(old_fd)
+            finally:
+                os.close(old_fd)
+        else:
+            attach(-1)
+    for stale in rest:
+        _detach_program(detach, stale)
 
 
 def _detach_cgroup_program(cgroup_fd: int, prog_id: int, attach_type: int) -> None:
@@ -655,14 +667,12 @@ class Datapath:
         """Our program at the tcx hook: in place of the first program of ours there (by
         name), the others of ours removed; else after those of others."""
         fd, tcx_type = self._progs[program], TCX_TYPES[direction]
-        ours = [(n, i) for n, i in _tcx_programs(ifindex, direction) if n in self._progs]
-        here = _libbpf.prog_info(fd).id
-        if not any(i == here for _, i in ours):
-            attach = partial(_libbpf.tcx_attach, ifindex, fd, tcx_type)
-            _attach_in_place(attach, ours[0][1] if ours else None)
-        for name, prog_id in _tcx_programs(ifindex, direction):
-            if prog_id != here and name in self._progs:
-                self._tcx_detach_id(ifindex, direction, prog_id)
+        _take_place(
+            _libbpf.prog_info(fd).id,
+            [i for n, i in _tcx_programs(ifindex, direction) if n in self._progs],
+            partial(_libbpf.tcx_attach, ifindex, fd, tcx_type),
+            partial(_libbpf.tcx_detach, ifindex, attach_type=tcx_type),
+        )
 
     def _tcx_detach(self, ifindex: int, direction: Direction) -> None:
         """Remove every program of ours (by name) from the tcx hook."""
@@ -825,13 +835,12 @@ class Datapath:
                     for i in _libbpf.cgroup_prog_ids(fd, attach_type)
                     if _libbpf.prog_name(i) == name
                 ]
-                if mine in ours:
-                    ours.remove(mine)
-                else:
-                    attach = partial(_libbpf.cgroup_attach, fd, prog_fd, attach_type)
-                    _attach_in_place(attach, ours.pop(0) if ours else None)
-                for stale in ours:  # never made by one agent; left by two at once
-                    _detach_cgroup_program(fd, stale, attach_type)
+                _take_place(
+                    mine,
+                    ours,
+                    partial(_libbpf.cgroup_attach, fd, prog_fd, attach_type),
+                    partial(_libbpf.cgroup_detach, fd, attach_type=attach_type),
+                )
             self._detach_ours(fd, RETIRED_SOCK_PROGRAMS)
         self._cgroups.add(where)
         log.info("socket-level load balancing for the processes of cgroup %s", where)
