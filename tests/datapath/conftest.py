@@ -14,10 +14,10 @@ import pytest
 
 from ebpflb.datapath import _libbpf, kclock
 from ebpflb.datapath.conntrack import now_ns
-from ebpflb.datapath.loader import Datapath, DatapathConfig, remove_pins
+from ebpflb.datapath.loader import Datapath, DatapathConfig, Direction, remove_pins, tc_programs
 from ebpflb.datapath.programmer import Frontend, Programmer, SyncStats
 from ebpflb.datapath.structs import CT_REVERSE, CtValue, be16_to_port, be32_to_ip
-from tests.datapath import packets
+from tests.datapath import netns, packets
 
 BPFFS = Path("/sys/fs/bpf")
 
@@ -53,6 +53,18 @@ def clock_before() -> int:
     """A time no stamp the datapath writes from now on is earlier than: now_ns() less a
     tick (lb_now() lags now_ns() by one while the interrupt that moves jiffies is late)."""
     return now_ns() - kclock.resolution()
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program fd."""
+    return int(_libbpf.prog_info(fd).id)
+
+
+def tc_programs_in(n: netns.Node, ifname: str, hook: Direction) -> list[tuple[str, int]]:
+    """(name, id) of the programs on a tc hook of ifname in node n: tcx, then our clsact
+    filter (loader.tc_programs)."""
+    with netns.inside(n.ns):
+        return tc_programs(ifname, hook)
 
 
 def map_id(path: Path) -> int:

@@ -20,10 +20,9 @@ from ebpflb.datapath.loader import (
     find_bpf_dir,
     remove_pins,
     render_source,
-    tc_programs,
 )
 from tests.datapath import netns
-from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir
+from tests.datapath.conftest import TEST_CONFIG, Lab, new_pin_dir, prog_id, tc_programs_in
 
 pytestmark = pytest.mark.datapath
 
@@ -51,16 +50,6 @@ def qdiscs(n: netns.Node, ifname: str) -> list[str]:
     return [str(q["kind"]) for q in json.loads(out)]
 
 
-def programs(n: netns.Node, ifname: str, hook: Direction) -> list[tuple[str, int]]:
-    """(name, id) of the programs on a tc hook of ifname: tcx, then our clsact filter."""
-    with netns.inside(n.ns):
-        return tc_programs(ifname, hook)
-
-
-def prog_id(fd: int) -> int:
-    return int(_libbpf.prog_info(fd).id)
-
-
 def test_attach_replace_detach(lab: Lab) -> None:
     """tcx, where the kernel has it (this one): no qdisc, no filter."""
     assert lab.dp.tcx
@@ -73,18 +62,18 @@ def test_attach_replace_detach(lab: Lab) -> None:
             lab.dp.attach(idx, "egress")
         for hook in HOOKS:
             want = [(PROGRAMS[hook], prog_id(lab.dp.program_fd(hook)))]
-            assert programs(n, pod.host_veth, hook) == want
+            assert tc_programs_in(n, pod.host_veth, hook) == want
             assert filters(n, pod.host_veth, hook) == []
         assert qdiscs(n, pod.host_veth) == ["noqueue"]
         assert lab.dp.attached == {(idx, "ingress"), (idx, "egress")}
         with netns.inside(n.ns):
             lab.dp.detach(idx)
-        assert programs(n, pod.host_veth, "ingress") == []
-        assert programs(n, pod.host_veth, "egress") != []
+        assert tc_programs_in(n, pod.host_veth, "ingress") == []
+        assert tc_programs_in(n, pod.host_veth, "egress") != []
         with netns.inside(n.ns):
             lab.dp.detach(idx, "egress")
             lab.dp.detach(idx, "egress")  # nothing there any more: fine
-        assert programs(n, pod.host_veth, "egress") == []
+        assert tc_programs_in(n, pod.host_veth, "egress") == []
         assert not lab.dp.attached
 
 
@@ -105,7 +94,7 @@ def test_attach_replace_detach_clsact() -> None:
                 opts = f["options"]
                 assert isinstance(opts, dict)
                 assert opts["bpf_name"] == program and opts["direct-action"], opts
-                assert programs(n, pod.host_veth, hook) == [(program, opts["prog"]["id"])]
+                assert tc_programs_in(n, pod.host_veth, hook) == [(program, opts["prog"]["id"])]
             with netns.inside(n.ns):
                 dp.detach(idx)
                 assert filters(n, pod.host_veth, "ingress") == []
@@ -149,7 +138,7 @@ def test_tcx_and_clsact_take_over_from_each_other_and_leave_others_alone(
             with netns.inside(n.ns):
                 new.attach(idx)
             mine = ("from_pod", prog_id(new.program_fd("ingress")))
-            assert programs(n, pod.host_veth, "ingress") == [theirs, mine]
+            assert tc_programs_in(n, pod.host_veth, "ingress") == [theirs, mine]
             assert filters(n, pod.host_veth, "ingress") == []
             assert "clsact" not in qdiscs(n, pod.host_veth)
             new.close()
@@ -159,10 +148,10 @@ def test_tcx_and_clsact_take_over_from_each_other_and_leave_others_alone(
                 back.attach(idx)
             (f,) = filters(n, pod.host_veth, "ingress")
             mine = ("from_pod", f["options"]["prog"]["id"])
-            assert programs(n, pod.host_veth, "ingress") == [theirs, mine]
+            assert tc_programs_in(n, pod.host_veth, "ingress") == [theirs, mine]
             with netns.inside(n.ns):
                 back.detach(idx)
-            assert programs(n, pod.host_veth, "ingress") == [theirs]
+            assert tc_programs_in(n, pod.host_veth, "ingress") == [theirs]
             assert "clsact" not in qdiscs(n, pod.host_veth)
             back.close(cleanup=True)
             with netns.inside(n.ns):
@@ -184,17 +173,17 @@ def test_agent_exit_restart_and_cleanup(datapath: Datapath) -> None:
             with netns.inside(n.ns):
                 first.attach(n.ifindex(pod.host_veth))
             first.close()
-            (old,) = programs(n, pod.host_veth, "ingress")
+            (old,) = tc_programs_in(n, pod.host_veth, "ingress")
             assert (pin_dir / "conntrack").exists()
 
             second = Datapath(pin_dir, TEST_CONFIG)
             with netns.inside(n.ns):
                 second.attach(n.ifindex(pod.host_veth))
-            (new,) = programs(n, pod.host_veth, "ingress")
+            (new,) = tc_programs_in(n, pod.host_veth, "ingress")
             assert new[0] == old[0] == "from_pod" and new != old  # the new one replaced it
             with netns.inside(n.ns):
                 second.close(cleanup=True)
-            assert programs(n, pod.host_veth, "ingress") == []
+            assert tc_programs_in(n, pod.host_veth, "ingress") == []
             assert filters(n, pod.host_veth, "ingress") == []
             assert "clsact" not in qdiscs(n, pod.host_veth)
             assert not pin_dir.exists()

@@ -20,7 +20,6 @@ from ebpflb.datapath.loader import (
     TcAttach,
     remove_pins,
     staging_dir,
-    tc_programs,
 )
 from ebpflb.datapath.maps import BpfMap, PerCpuArray
 from ebpflb.datapath.migrate import converter
@@ -29,7 +28,14 @@ from ebpflb.datapath.replyfilter import ReplyFilter
 from ebpflb.datapath.structs import CT_REVERSE, U32, be16_to_port, ip_to_be32, port_to_be16
 from tests.datapath import netns
 from tests.datapath import packets as P
-from tests.datapath.conftest import TEST_CONFIG, map_id, new_pin_dir, skip_reason
+from tests.datapath.conftest import (
+    TEST_CONFIG,
+    map_id,
+    new_pin_dir,
+    prog_id,
+    skip_reason,
+    tc_programs_in,
+)
 from tests.datapath.variant import variant_bpf_dir
 
 pytestmark = pytest.mark.datapath
@@ -89,15 +95,10 @@ def check_flows(dp: Datapath, flows: Flows) -> None:
     assert P.ip_addrs(out) == (P.VIP, P.CLIENT) and P.ports(out) == (80, SPORTS[1])
 
 
-def prog_id(fd: int) -> int:
-    return int(_libbpf.prog_info(fd).id)
-
-
 def tc_prog_id(n: netns.Node, ifname: str, hook: Direction) -> int:
     """Id of the one program on a tc hook of ifname."""
-    with netns.inside(n.ns):
-        ((_, prog_id),) = tc_programs(ifname, hook)
-    return prog_id
+    ((_, found),) = tc_programs_in(n, ifname, hook)
+    return found
 
 
 def as_format_0(pin_dir: Path) -> None:
