@@ -676,14 +676,10 @@ class Datapath:
 
     def _tcx_detach(self, ifindex: int, direction: Direction) -> None:
         """Remove every program of ours (by name) from the tcx hook."""
+        detach = partial(_libbpf.tcx_detach, ifindex, attach_type=TCX_TYPES[direction])
         for name, prog_id in _tcx_programs(ifindex, direction):
             if name in self._progs:
-                self._tcx_detach_id(ifindex, direction, prog_id)
-
-    @staticmethod
-    def _tcx_detach_id(ifindex: int, direction: Direction, prog_id: int) -> None:
-        detach = partial(_libbpf.tcx_detach, ifindex, attach_type=TCX_TYPES[direction])
-        _detach_program(detach, prog_id)
+                _detach_program(detach, prog_id)
 
     def _clsact_attach(self, ifindex: int, direction: Direction, program: str) -> None:
         from pyroute2 import IPRoute
