@@ -130,7 +130,15 @@ def judge(results: dict[str, Any]) -> None:
     median = {int(k): v for k, v in pp.get("median", {}).items()}
     ratios = {int(k): v for k, v in pp.get("ratio_median", {}).items()}
     control = results.get("control", {}).get("ebpflb", {})
-    verdicts = stats.evaluate(summary, median, control if isinstance(control, dict) else {}, ratios)
+    dataplane = results.get("dataplane", {})
+    results["pooled"] = {"ebpflb vs direct": stats.pooled(dataplane, "ebpflb", "direct")}
+    verdicts = stats.evaluate(
+        summary,
+        median,
+        control if isinstance(control, dict) else {},
+        ratios,
+        results["pooled"]["ebpflb vs direct"],
+    )
     results["targets"] = [asdict(v) for v in verdicts]
 
 

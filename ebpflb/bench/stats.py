@@ -35,15 +35,38 @@ def percentile(values: Sequence[Number], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def paired_ratio(a: Sequence[Number | None], b: Sequence[Number | None]) -> float | None:
-    """Median over rounds of a[i] / b[i]: the rounds are interleaved, so each pair was
-    measured minutes apart at most and shares the machine's load of the moment."""
-    ratios = [
+def ratios(a: Sequence[Number | None], b: Sequence[Number | None]) -> list[float]:
+    """a[i] / b[i] for every round where both were measured (and b[i] is not 0)."""
+    return [
         float(x) / float(y)
         for x, y in zip(a, b, strict=False)
         if x is not None and y is not None and float(y) != 0.0 and not math.isnan(float(x))
     ]
-    return statistics.median(ratios) if ratios else None
+
+
+CONFIDENCE = 0.95
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float] | None:
+    """An interval for the median that assumes nothing of the values' distribution: the k-th
+    smallest and the k-th largest of n values hold the median with probability
+    1 - 2 P(Binomial(n, 1/2) < k). The narrowest such interval holding it with at least
+    `confidence`; with too few values for that (5 or fewer for 95%), the smallest and the
+    largest value. Returns (low, high, the probability it holds the median)."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        return None
+
+    def holds(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / (1 << n)
+
+    k = 1
+    while 2 * (k + 1) <= n + 1 and holds(k + 1) >= confidence:
+        k += 1
+    return s[k - 1], s[n - k], holds(k)
 
 
 def round_figures(record: Mapping[str, object]) -> dict[str, float | None]:
@@ -69,6 +92,47 @@ def round_figures(record: Mapping[str, object]) -> dict[str, float | None]:
     }
 
 
+def ratio_entry(
+    a: Sequence[Number | None], b: Sequence[Number | None], base: str
+) -> dict[str, float | None]:
+    """ "vs base": the median over rounds of a[i] / b[i] (the rounds are interleaved, so each
+    pair was measured seconds apart and shares the machine's speed of the moment); "vs base
+    low", "high" and "holds": its interval (median_interval) and how likely that holds the
+    median."""
+    r = ratios(a, b)
+    interval = median_interval(r)
+    low, high, holds = interval if interval else (None, None, None)
+    return {
+        f"vs {base}": median(r),
+        f"vs {base} low": low,
+        f"vs {base} high": high,
+        f"vs {base} holds": holds,
+    }
+
+
+def pooled(
+    dataplane: Mapping[str, Mapping[str, Sequence[Mapping[str, object]]]], mode: str, base: str
+) -> dict[str, dict[str, float | None]]:
+    """metric -> ratio_entry of mode to base over the rounds of every Service count: what
+    the per-count figures would be if the ratio does not depend on the count (the
+    datapath's per-packet cost does not), from as many rounds as all counts together."""
+    out: dict[str, dict[str, float | None]] = {}
+    for metric in METRICS:
+        a: list[float | None] = []
+        b: list[float | None] = []
+        for rounds in dataplane.values():
+            if mode in rounds and base in rounds:
+                mine = [round_figures(r)[metric] for r in rounds[mode]]
+                theirs = [round_figures(r)[metric] for r in rounds[base]]
+                n = min(len(mine), len(theirs))  # round i with round i of the same count
+                a += mine[:n]
+                b += theirs[:n]
+        entry = ratio_entry(a, b, base)
+        entry["rounds"] = float(len(ratios(a, b)))
+        out[metric] = entry
+    return out
+
+
 def summarize(
     rounds: Mapping[str, Sequence[Mapping[str, object]]], baselines: Sequence[str]
 ) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -82,8 +146,7 @@ def summarize(
             entry: dict[str, float | None] = {"median": median(values), "rounds": len(values)}
             for base in baselines:
                 if base in figures:
-                    other = [r[metric] for r in figures[base]]
-                    entry[f"vs {base}"] = paired_ratio(values, other)
+                    entry.update(ratio_entry(values, [r[metric] for r in figures[base]], base))
             out[mode][metric] = entry
         out[mode]["kept_up"] = {"median": median([r["kept_up"] for r in recs])}
     return out
@@ -91,11 +154,14 @@ def summarize(
 
 @dataclass(frozen=True)
 class Verdict:
-    """One target: what it asks, what was measured, and whether it is met (None: not measured)."""
+    """One target: what it asks, what was measured, and whether it is met (None: not measured).
+    within_noise: the run's intervals leave the verdict open (a median met the bound but an
+    interval reaches under it, or every median that missed has an interval reaching it)."""
 
     target: str
     measured: str
     met: bool | None
+    within_noise: bool = False
 
 
 def _fmt(v: float | None, spec: str = ".3g", unit: str = "") -> str:
@@ -152,35 +218,81 @@ def _check(
     return Verdict(target, measured, all(ok(v) for v in known) and len(known) == len(values))
 
 
+def _services(n: int) -> str:
+    return f"{n:,} Service{'' if n == 1 else 's'}"
+
+
+def _check_vs_direct(
+    target: str,
+    entries: Sequence[tuple[str, Mapping[str, float | None]]],
+    bound: float,
+    pooled_entry: Mapping[str, float | None] | None,
+) -> Verdict:
+    """A ratio to direct of at least `bound` at every count, each with its interval; the
+    figure over all counts' rounds (pooled) is shown, not judged."""
+    verdict = _check(target, [(k, e.get("vs direct")) for k, e in entries], _at_least(bound), _pct)
+
+    def interval(e: Mapping[str, float | None]) -> str:
+        low, high = e.get("vs direct low"), e.get("vs direct high")
+        return "" if low is None or high is None else f" ({_pct(low)}-{_pct(high)})"
+
+    parts = [f"{k}: {_pct(e.get('vs direct'))}{interval(e)}" for k, e in entries]
+    holds = sorted({round(h * 100) for _, e in entries if (h := e.get("vs direct holds"))})
+    if pooled_entry and pooled_entry.get("vs direct") is not None:
+        rounds = int(pooled_entry.get("rounds") or 0)
+        parts.append(
+            f"all counts pooled ({rounds} rounds, not judged): "
+            f"{_pct(pooled_entry.get('vs direct'))}{interval(pooled_entry)}"
+        )
+        if h := pooled_entry.get("vs direct holds"):
+            holds.append(round(h * 100))
+    measured = ", ".join(parts) or "not measured"
+    if holds:
+        sure = "/".join(f"{h}%" for h in holds)
+        measured += f"; each interval holds the true median ratio with probability {sure}"
+    if verdict.met is None:
+        return Verdict(target, measured, None)
+    lows, highs = [], []
+    for _, e in entries:
+        low, high = e.get("vs direct low"), e.get("vs direct high")
+        if low is None or high is None:
+            return Verdict(target, measured, verdict.met)  # no interval: not a noise call
+        lows.append(low)
+        highs.append(high)
+    # a pass every interval confirms, or a miss some interval confirms, is not noise
+    decided = min(lows) >= bound if verdict.met else min(highs) < bound
+    return Verdict(target, measured, verdict.met, not decided)
+
+
 def evaluate(
     summary: Mapping[int, Mapping[str, Mapping[str, Mapping[str, float | None]]]],
     perpacket: Mapping[int, Mapping[str, float]],
     control: Mapping[str, object],
     perpacket_ratios: Mapping[int, Mapping[str, float]] | None = None,
+    pooled_direct: Mapping[str, Mapping[str, float | None]] | None = None,
 ) -> list[Verdict]:
     """Every target of the issue, against what this run measured. perpacket_ratios: each
     Service count's per-packet cost as a ratio to the smallest count's, taken round by round
-    (the datapath bench's ratio table); without it the medians' ratio is used."""
+    (the datapath bench's ratio table); without it the medians' ratio is used. pooled_direct:
+    ebpflb's ratios to direct over every count's rounds (pooled), shown beside the counts'."""
     scales = sorted(summary)
-
-    def services(n: int) -> str:
-        return f"{n:,} Service{'' if n == 1 else 's'}"
 
     def ratio(scale: int, metric: str, base: str) -> float | None:
         return summary[scale].get("ebpflb", {}).get(metric, {}).get(f"vs {base}")
 
+    def entries(metric: str) -> list[tuple[str, Mapping[str, float | None]]]:
+        return [(_services(n), summary[n].get("ebpflb", {}).get(metric, {})) for n in scales]
+
+    pool = pooled_direct or {}
     out = [
-        _check(
-            "ebpflb TCP throughput >= 95% of direct",
-            [(services(n), ratio(n, "gbps", "direct")) for n in scales],
-            _at_least(0.95),
-            _pct,
+        _check_vs_direct(
+            "ebpflb TCP throughput >= 95% of direct", entries("gbps"), 0.95, pool.get("gbps")
         ),
-        _check(
+        _check_vs_direct(
             "ebpflb new connections/s >= 93% of direct at every Service count",
-            [(services(n), ratio(n, "conn_per_s", "direct")) for n in scales],
-            _at_least(0.93),
-            _pct,
+            entries("conn_per_s"),
+            0.93,
+            pool.get("conn_per_s"),
         ),
     ]
     at = 10_000

@@ -99,11 +99,62 @@ def test_median_ignores_missing_values() -> None:
     assert stats.median([None]) is None
 
 
-def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+def test_ratio_entry_is_the_median_of_per_round_ratios_with_its_interval() -> None:
     # Round 2 is slow for everyone (a busy machine): pairs cancel it, medians would not.
-    assert stats.paired_ratio([90, 45, 95], [100, 50, 100]) == pytest.approx(0.9)
-    assert stats.paired_ratio([1.0, None], [None, 2.0]) is None
-    assert stats.paired_ratio([1.0], [0.0]) is None
+    e = stats.ratio_entry([90, 45, 95], [100, 50, 100], "direct")
+    assert e["vs direct"] == pytest.approx(0.9)
+    assert (e["vs direct low"], e["vs direct high"]) == (pytest.approx(0.9), 0.95)
+    assert e["vs direct holds"] == pytest.approx(0.75)  # 1 - 2 / 2**3
+    assert stats.ratio_entry([1.0, None], [None, 2.0], "x")["vs x"] is None
+    assert stats.ratio_entry([1.0], [0.0], "x") == {
+        "vs x": None,
+        "vs x low": None,
+        "vs x high": None,
+        "vs x holds": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "holds"),
+    [
+        (1, 1, 0.0),
+        (5, 1, 1 - 2 / 32),  # too few for 95%: the extremes, which hold it with 93.75%
+        (6, 1, 1 - 2 / 64),
+        (10, 2, 1 - 2 * 11 / 1024),
+        (24, 7, 0.977344),  # 1 - 2 P(Binomial(24, 1/2) <= 6)
+    ],
+)
+def test_median_interval_is_the_narrowest_order_statistics_that_hold_95(
+    n: int, k: int, holds: float
+) -> None:
+    values = [float(v) for v in reversed(range(n))]  # any order
+    low, high, p = stats.median_interval(values) or (None, None, None)
+    assert (low, high) == (k - 1, n - k)
+    assert p == pytest.approx(holds, abs=1e-6)
+    if k > 1:  # one value further in would hold the median less often than 95%
+        closer = 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+        assert closer < 0.95 <= p
+    assert stats.median_interval([]) is None
+
+
+def test_pooled_pairs_rounds_within_each_count() -> None:
+    dataplane = {
+        "1": {"direct": [_round(10, 1000), _round(10, 2000)], "ebpflb": [_round(9, 900)]},
+        "1000": {
+            "direct": [_round(10, 1000), _round(10, 1000), _round(10, 1000)],
+            "ebpflb": [_round(10, 950), _round(8, 970), _round(10, 990)],
+        },
+        "50000": {"direct": [_round(10, 1000)]},  # ebpflb skipped there: no pair
+    }
+    p = stats.pooled(dataplane, "ebpflb", "direct")
+    # 900 / 1000 (the 2,000 round has no ebpflb round to pair with), 0.95, 0.97, 0.99
+    assert p["conn_per_s"]["rounds"] == 4
+    assert p["conn_per_s"]["vs direct"] == pytest.approx(0.96)
+    assert (p["conn_per_s"]["vs direct low"], p["conn_per_s"]["vs direct high"]) == (
+        pytest.approx(0.9),
+        pytest.approx(0.99),
+    )
+    assert p["gbps"]["vs direct"] == pytest.approx(0.95)
 
 
 def _round(gbps: float, rate: float, p50_us: float = 900.0) -> dict[str, object]:
@@ -181,6 +232,34 @@ def test_evaluate_judges_every_target() -> None:
     assert quick["agent RSS under 150 MB at 10,000 Services x 10 endpoints"].met is None
 
 
+def test_a_ratio_target_says_when_the_runs_noise_leaves_it_open() -> None:
+    def entry(median: float, low: float, high: float) -> dict[str, dict[str, float | None]]:
+        e = {"vs direct": median, "vs direct low": low, "vs direct high": high}
+        return {"conn_per_s": {**e, "vs direct holds": 0.97}, "gbps": e}
+
+    def verdict(*cells: tuple[float, float, float]) -> stats.Verdict:
+        summary = {10**i: {"ebpflb": entry(*c)} for i, c in enumerate(cells)}
+        pooled = {"vs direct": 0.95, "vs direct low": 0.9, "vs direct high": 0.99, "rounds": 24}
+        by = {v.target: v for v in stats.evaluate(summary, {}, {}, None, {"conn_per_s": pooled})}
+        return by["ebpflb new connections/s >= 93% of direct at every Service count"]
+
+    sure_pass = verdict((0.96, 0.94, 0.99), (0.97, 0.93, 1.0))
+    assert (sure_pass.met, sure_pass.within_noise) == (True, False)
+    shaky_pass = verdict((0.96, 0.91, 0.99), (0.97, 0.93, 1.0))
+    assert (shaky_pass.met, shaky_pass.within_noise) == (True, True)
+    shaky_miss = verdict((0.92, 0.85, 0.99), (0.97, 0.93, 1.0))
+    assert (shaky_miss.met, shaky_miss.within_noise) == (False, True)
+    sure_miss = verdict((0.92, 0.85, 0.99), (0.90, 0.85, 0.92))
+    assert (sure_miss.met, sure_miss.within_noise) == (False, False)
+    assert "10 Services: 90.0% (85.0%-92.0%)" in sure_miss.measured
+    assert "all counts pooled (24 rounds, not judged): 95.0% (90.0%-99.0%)" in sure_miss.measured
+    assert "probability 97%" in sure_miss.measured
+    # without intervals (a run from before they were kept) nothing is called noise
+    bare = {1: {"ebpflb": {"conn_per_s": {"vs direct": 0.92}}}}
+    old = {v.target: v for v in stats.evaluate(bare, {}, {})}
+    assert not old["ebpflb new connections/s >= 93% of direct at every Service count"].within_noise
+
+
 def test_batches_stay_under_the_registrys_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     pods = FakePods(groups=4, per_group=1)
     objects = manifests.filler_objects(filler_services(25, pods), pods)
@@ -217,7 +296,11 @@ def test_markdown_report_has_every_section() -> None:
             "ratio_median": {"1000": {"conntrack hit": 1.004}},
         },
         "control": {"ebpflb": {"services": 1000, "endpoints": 10, "bulk_to_maps_s": 1.2}},
-        "targets": [{"target": "t", "measured": "m", "met": None}],
+        "pooled": {"ebpflb vs direct": stats.pooled({"1": rounds}, "ebpflb", "direct")},
+        "targets": [
+            {"target": "t", "measured": "m", "met": None},
+            {"target": "u", "measured": "n", "met": False, "within_noise": True},
+        ],
         "notes": ["a note"],
     }
     text = report.markdown(results)
@@ -227,6 +310,10 @@ def test_markdown_report_has_every_section() -> None:
     assert "**not measured**: t — m" in text
     assert "| ebpflb | 9.00 | 0.90 |" in text
     assert "| conntrack hit | 1.004 |" in text  # the ratio table
+    assert "**MISSED** (within this run's noise): u — n" in text
+    assert "### How sure: ebpflb ÷ direct" in text
+    assert "| 1 | 0.90 (0.90-0.90, 0%) | 0.95 (0.95-0.95, 0%) |" in text  # one round: no certainty
+    assert "| all (1 rounds) |" in text
 
 
 def test_progress_writes_lines_when_not_a_terminal() -> None:
