@@ -95,10 +95,10 @@ def round_figures(record: Mapping[str, object]) -> dict[str, float | None]:
 def ratio_entry(
     a: Sequence[Number | None], b: Sequence[Number | None], base: str
 ) -> dict[str, float | None]:
-    """ "vs base": the median over rounds of a[i] / b[i] (the rounds are interleaved, so each
-    pair was measured seconds apart and shares the machine's speed of the moment); "vs base
-    low", "high" and "holds": its interval (median_interval) and how likely that holds the
-    median."""
+    """The ratio of a to b: under "vs base" the median over rounds of a[i] / b[i] (the
+    rounds are interleaved, so each pair was measured seconds apart and shares the
+    machine's speed of the moment); under "vs base low", "high" and "holds" its interval
+    (median_interval) and how likely that holds the true median."""
     r = ratios(a, b)
     interval = median_interval(r)
     low, high, holds = interval if interval else (None, None, None)
