@@ -116,17 +116,16 @@ def pooled(
     """metric -> ratio_entry of mode to base over the rounds of every Service count: what
     the per-count figures would be if the ratio does not depend on the count (the
     datapath's per-packet cost does not), from as many rounds as all counts together."""
+    pairs = [  # round i with round i of the same count
+        (round_figures(x), round_figures(y))
+        for rounds in dataplane.values()
+        if mode in rounds and base in rounds
+        for x, y in zip(rounds[mode], rounds[base], strict=False)
+    ]
     out: dict[str, dict[str, float | None]] = {}
     for metric in METRICS:
-        a: list[float | None] = []
-        b: list[float | None] = []
-        for rounds in dataplane.values():
-            if mode in rounds and base in rounds:
-                mine = [round_figures(r)[metric] for r in rounds[mode]]
-                theirs = [round_figures(r)[metric] for r in rounds[base]]
-                n = min(len(mine), len(theirs))  # round i with round i of the same count
-                a += mine[:n]
-                b += theirs[:n]
+        a = [x[metric] for x, _ in pairs]
+        b = [y[metric] for _, y in pairs]
         entry = ratio_entry(a, b, base)
         entry["rounds"] = float(len(ratios(a, b)))
         out[metric] = entry
